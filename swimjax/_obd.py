@@ -1,0 +1,361 @@
+"""Optimal-Brain-Damage second derivatives as a transformation of a jaxpr.
+
+This private module is the engine behind :func:`swimjax.sensitivity.swim`. It
+takes the jaxpr of any ``apply_fn(params, x)`` built from ordinary JAX/flax
+operations, evaluates it while recording every intermediate value (a *tape*),
+and then propagates *diagonal* second derivatives ``S`` backwards in a single
+pass, the way LeCun, Denker & Solla's OBD (and SWIM, DAC 2022) do by hand:
+
+* Gauss-Newton: each primitive ``y = f(x_1, ..., x_n)`` passes
+  ``S_{x_k} = (J_k ** 2)^T S_y`` to each input, where ``J_k`` is its Jacobian
+  with respect to input ``k`` and ``** 2`` squares elementwise. The terms with
+  ``f''`` (second derivatives of the primitive) and all off-diagonal terms are
+  dropped, exactly as OBD does.
+* Linear primitives whose Jacobian has only 0/1 entries (reshape, transpose,
+  broadcast, slice, pad, concatenate, reduce_sum, select, gather, max-pool's
+  routing to the winner, ...) use their ordinary VJP, since ``J ** 2 == J``.
+* Bilinear primitives (``dot_general``, ``conv_general_dilated``) use the
+  transpose of the same primitive with the *other* operand squared: for
+  ``y = W x``, ``S_W = sum x^2 S_y`` and ``S_x = sum W^2 S_y``.
+* Elementwise primitives (including numpy-style broadcasting of size-1 axes)
+  use their squared partial derivatives, obtained by ``jax.jvp`` with unit
+  tangents; ``max``/``min`` (ReLU) use 0/1 masks with ReLU's convention at
+  ties (derivative 0 at the kink when the other operand is a constant).
+* ``jit``/``pjit``, ``custom_jvp_call``, ``custom_vjp_call``, ``remat`` and
+  ``closed_call`` are inlined (their *primal* computation is used).
+
+Everything here runs at trace time: under ``jax.jit`` the tape is a list of
+tracers and the result is one XLA computation (forward + one backward sweep).
+
+Only primitives with a known rule are accepted; one that second derivatives
+must cross on their way from the output to a parameter raises
+:class:`UnsupportedPrimitiveError` naming it. Primitives that only touch data
+or constants (no parameter flows into them) need no rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+Array = jax.Array
+
+
+class UnsupportedPrimitiveError(ValueError):
+    """A primitive on a parameter-to-output path has no OBD propagation rule."""
+
+
+# --------------------------------------------------------------------------
+# Primitive tables
+# --------------------------------------------------------------------------
+
+# Call-like primitives whose body is inlined: name -> param holding the body.
+_CALL_PARAMS: dict[str, str] = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+    "remat2": "jaxpr",
+    "checkpoint": "jaxpr",
+}
+
+# Linear in their floating operands with Jacobian entries in {0, 1}: the VJP
+# itself propagates S (J**2 == J). reduce_window_max/min route to the winner.
+_ZERO_ONE_LINEAR = frozenset({
+    "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims",
+    "slice", "dynamic_slice", "dynamic_update_slice", "pad", "concatenate",
+    "reduce_sum", "copy", "copy_p", "rev", "gather", "reduce_window_sum",
+    "reduce_window_max", "reduce_window_min", "convert_element_type",
+    "reduce_precision", "split", "sharding_constraint", "select_n",
+    "optimization_barrier",
+})
+
+# Reductions that pick one element (1/count at ties in JAX's derivative).
+_CHOOSER_REDUCTIONS = frozenset({"reduce_max", "reduce_min"})
+
+# Bilinear primitives: S of one operand through the transpose of the
+# primitive with the other operand squared.
+_BILINEAR = frozenset({"dot_general", "conv_general_dilated"})
+
+# Elementwise primitives (numpy-style broadcasting of size-1 / rank-0 operands):
+# S_k = sum over broadcast axes of (d y / d x_k)^2 * S_y.
+_ELEMENTWISE = frozenset({
+    "add", "add_any", "sub", "mul", "div", "neg", "exp", "exp2", "log", "log1p",
+    "expm1", "tanh", "logistic", "sqrt", "rsqrt", "cbrt", "integer_pow", "pow",
+    "square", "abs", "sign", "erf", "erfc", "erf_inv", "sin", "cos", "tan",
+    "atan", "atan2", "sinh", "cosh", "asinh", "acosh", "atanh", "asin", "acos",
+    "clamp", "floor", "ceil", "round", "is_finite", "rem", "lgamma", "digamma",
+})
+
+# max/min: 0/1 masks (ReLU convention at ties).
+_MAXMIN = frozenset({"max", "min"})
+
+# No derivative flows through these.
+_BLOCKING = frozenset({"stop_gradient"})
+
+SUPPORTED_PRIMITIVES: tuple[str, ...] = tuple(sorted(
+    set(_CALL_PARAMS) | _ZERO_ONE_LINEAR | _CHOOSER_REDUCTIONS | _BILINEAR
+    | _ELEMENTWISE | _MAXMIN | _BLOCKING))
+
+
+def _is_float(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+# --------------------------------------------------------------------------
+# Forward pass: evaluate a jaxpr, inlining call primitives, recording a tape.
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    prim: Any
+    params: dict
+    in_ids: list[int]
+    out_ids: list[int]
+
+
+@dataclass
+class Tape:
+    """Every value of a forward evaluation and the primitive applications."""
+
+    values: list[Any] = field(default_factory=list)
+    active: list[bool] = field(default_factory=list)
+    entries: list[_Entry] = field(default_factory=list)
+
+    def add(self, value: Any, active: bool) -> int:
+        self.values.append(value)
+        self.active.append(bool(active) and _is_float(value))
+        return len(self.values) - 1
+
+
+def _inner_closed(eqn) -> tuple[Any, list[Any]] | None:
+    """(open jaxpr, consts) of an inlinable call primitive, else None."""
+    name = eqn.primitive.name
+    key = _CALL_PARAMS.get(name)
+    if key is None or key not in eqn.params:
+        return None
+    inner = eqn.params[key]
+    if isinstance(inner, jcore.ClosedJaxpr):
+        return inner.jaxpr, list(inner.consts)
+    if isinstance(inner, jcore.Jaxpr):
+        return inner, []
+    return None
+
+
+def _run(tape: Tape, jaxpr, consts: Sequence[Any], arg_ids: Sequence[int]) -> list[int]:
+    env: dict[Any, int] = {}
+
+    def read(v) -> int:
+        if isinstance(v, jcore.Literal):
+            return tape.add(v.val, False)
+        return env[v]
+
+    for v, c in zip(jaxpr.constvars, consts):
+        env[v] = tape.add(c, False)
+    if len(arg_ids) != len(jaxpr.invars):
+        raise ValueError(f"jaxpr expects {len(jaxpr.invars)} inputs, got {len(arg_ids)}")
+    for v, i in zip(jaxpr.invars, arg_ids):
+        env[v] = i
+
+    for eqn in jaxpr.eqns:
+        in_ids = [read(v) for v in eqn.invars]
+        inner = _inner_closed(eqn)
+        if inner is not None:
+            out_ids = _run(tape, inner[0], inner[1], in_ids)
+        else:
+            invals = [tape.values[i] for i in in_ids]
+            outs = eqn.primitive.bind(*invals, **eqn.params)
+            if not eqn.primitive.multiple_results:
+                outs = [outs]
+            is_active = any(tape.active[i] for i in in_ids)
+            out_ids = [tape.add(o, is_active) for o in outs]
+            if is_active:
+                tape.entries.append(_Entry(eqn.primitive, dict(eqn.params), in_ids, out_ids))
+        for v, i in zip(eqn.outvars, out_ids):
+            env[v] = i
+    return [read(v) for v in jaxpr.outvars]
+
+
+def forward(closed_jaxpr, args: Sequence[Any], active: Sequence[bool]) -> tuple[Tape, list[int]]:
+    """Evaluates ``closed_jaxpr`` on ``args``; returns the tape and output ids.
+
+    ``active[k]`` says whether argument ``k`` is a variable S is wanted for
+    (a parameter) rather than data.
+    """
+    tape = Tape()
+    arg_ids = [tape.add(a, act) for a, act in zip(args, active)]
+    out_ids = _run(tape, closed_jaxpr.jaxpr, closed_jaxpr.consts, arg_ids)
+    return tape, out_ids
+
+
+# --------------------------------------------------------------------------
+# Backward rules. Each returns a list with one S (or None) per input.
+# --------------------------------------------------------------------------
+
+
+def _bind(prim, params, args):
+    out = prim.bind(*args, **params)
+    return out
+
+
+def _sum_to_shape(x: Array, shape: tuple[int, ...]) -> Array:
+    """Sums ``x`` over the axes that numpy broadcasting added to ``shape``."""
+    if x.shape == tuple(shape):
+        return x
+    lead = x.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, s in enumerate(shape) if s == 1 and x.shape[lead + i] != 1)
+    out = jnp.sum(x, axis=axes, keepdims=False) if axes else x
+    return jnp.reshape(out, shape)
+
+
+def _rule_zero_one(entry: _Entry, vals, s_outs, act):
+    k_act = [k for k, a in enumerate(act) if a]
+
+    def f(*active_vals):
+        args = list(vals)
+        for k, v in zip(k_act, active_vals):
+            args[k] = v
+        out = _bind(entry.prim, entry.params, args)
+        return list(out) if entry.prim.multiple_results else out
+
+    _, vjp = jax.vjp(f, *[vals[k] for k in k_act])
+    cot = list(s_outs) if entry.prim.multiple_results else s_outs[0]
+    grads = vjp(cot)
+    res: list[Any] = [None] * len(vals)
+    for k, g in zip(k_act, grads):
+        res[k] = g
+    return res
+
+
+def _rule_chooser_reduction(entry: _Entry, vals, s_outs, act):
+    # Each input feeds exactly one output with coefficient c (1/count at
+    # ties, else 0/1): S_x = c * vjp(S_y) = c^2 S_y.
+    f = lambda x: _bind(entry.prim, entry.params, [x])  # noqa: E731
+    y, vjp = jax.vjp(f, vals[0])
+    (c,) = vjp(jnp.ones_like(y))
+    (g,) = vjp(s_outs[0])
+    return [c * g]
+
+
+def _rule_bilinear(entry: _Entry, vals, s_outs, act):
+    lhs, rhs = vals
+    res: list[Any] = [None, None]
+    params = entry.params
+    if act[0]:
+        rhs_sq = jnp.square(rhs)
+        f = lambda a: _bind(entry.prim, params, [a, rhs_sq])  # noqa: E731
+        (res[0],) = jax.linear_transpose(f, jax.ShapeDtypeStruct(lhs.shape, lhs.dtype))(s_outs[0])
+    if act[1]:
+        lhs_sq = jnp.square(lhs)
+        f = lambda b: _bind(entry.prim, params, [lhs_sq, b])  # noqa: E731
+        (res[1],) = jax.linear_transpose(f, jax.ShapeDtypeStruct(rhs.shape, rhs.dtype))(s_outs[0])
+    return res
+
+
+def _rule_elementwise(entry: _Entry, vals, s_outs, act):
+    s_y = s_outs[0]
+    res: list[Any] = [None] * len(vals)
+    for k, a in enumerate(act):
+        if not a:
+            continue
+        x_k = jnp.asarray(vals[k])
+
+        def f(v, k=k):
+            args = list(vals)
+            args[k] = v
+            return _bind(entry.prim, entry.params, args)
+
+        _, d = jax.jvp(f, (x_k,), (jnp.ones_like(x_k),))
+        res[k] = _sum_to_shape(jnp.square(d).astype(s_y.dtype) * s_y, x_k.shape)
+    return res
+
+
+def _rule_maxmin(entry: _Entry, vals, s_outs, act):
+    a, b = (jnp.asarray(v) for v in vals)
+    s_y = s_outs[0]
+    better = jnp.greater if entry.prim.name == "max" else jnp.less
+    both = act[0] and act[1]
+    # ReLU convention: derivative 0 at the kink against a constant; between two
+    # active operands ties go to the first one.
+    mask_a = jnp.logical_or(better(a, b), jnp.equal(a, b)) if both else better(a, b)
+    mask_b = better(b, a)
+    res: list[Any] = [None, None]
+    if act[0]:
+        res[0] = _sum_to_shape(jnp.where(mask_a, s_y, 0), a.shape)
+    if act[1]:
+        res[1] = _sum_to_shape(jnp.where(mask_b, s_y, 0), b.shape)
+    return res
+
+
+def _rule_for(name: str) -> Callable | None:
+    if name in _ZERO_ONE_LINEAR:
+        return _rule_zero_one
+    if name in _CHOOSER_REDUCTIONS:
+        return _rule_chooser_reduction
+    if name in _BILINEAR:
+        return _rule_bilinear
+    if name in _MAXMIN:
+        return _rule_maxmin
+    if name in _ELEMENTWISE:
+        return _rule_elementwise
+    return None
+
+
+def _unsupported(name: str) -> UnsupportedPrimitiveError:
+    return UnsupportedPrimitiveError(
+        f"swim: apply_fn uses primitive {name!r} on a path from params to the output, "
+        f"and it has no Optimal-Brain-Damage propagation rule. Supported primitives: "
+        f"{list(SUPPORTED_PRIMITIVES)}. Use an autodiff estimator instead (hutchinson, "
+        f"ggn, fisher), which work for any differentiable model.")
+
+
+def backward(tape: Tape, out_ids: Sequence[int], out_s: Sequence[Array]) -> dict[int, Array]:
+    """Propagates diagonal second derivatives from outputs to every active value.
+
+    Returns a dict ``id -> S`` (ids without an entry received no S).
+    """
+    s: dict[int, Array] = {}
+
+    def acc(i: int, v: Array) -> None:
+        s[i] = v if i not in s else s[i] + v
+
+    for i, v in zip(out_ids, out_s):
+        if tape.active[i]:
+            acc(i, v)
+
+    for entry in reversed(tape.entries):
+        if not any(i in s for i in entry.out_ids):
+            continue
+        name = entry.prim.name
+        if name in _BLOCKING:
+            continue
+        act = [tape.active[i] for i in entry.in_ids]
+        if not any(act):
+            continue
+        vals = [tape.values[i] for i in entry.in_ids]
+        s_outs = []
+        for i in entry.out_ids:
+            if i in s:
+                s_outs.append(s.pop(i))
+            else:
+                o = tape.values[i]
+                s_outs.append(jnp.zeros(np.shape(o), jnp.result_type(o)))
+        rule = _rule_for(name)
+        if rule is None:
+            raise _unsupported(name)
+        s_ins = rule(entry, vals, s_outs, act)
+        for i, a, v in zip(entry.in_ids, act, s_ins):
+            if a and v is not None:
+                acc(i, v)
+    return s

@@ -1,0 +1,228 @@
+"""The hardware programming pipeline on a parameter pytree.
+
+``params --map--> target conductances --write-verify--> programmed
+conductances --unmap--> the weights the hardware computes with``.
+
+* The mapped leaves (:func:`swimjax.mapping.mapped_leaves`, by default every
+  kernel of rank >= 2) are quantized and bit-sliced onto devices with
+  :func:`swimjax.mapping.to_conductances`: ``(2, K, *w.shape)`` devices per
+  leaf (differential pair) or ``(K, *w.shape)`` (sign bit). Every device is
+  programmed, including the idle device of a differential pair and slices at
+  level 0 (their target is ``g_min``; a real array writes them too).
+* The weight-level write-verify mask (a pytree of bool arrays shaped like
+  ``params``) is broadcast to all devices of each weight: a verified weight
+  has all its devices verified.
+* :func:`program_params` runs the explicit loop of
+  :func:`swimjax.write_verify.explicit` over **all devices of all mapped leaves
+  in a single loop** (the leaves' device arrays are concatenated), so the loop
+  runs once, as long as its slowest device, rather than once per leaf.
+  :func:`program_params_statistical` applies SWIM's statistical model
+  (:func:`swimjax.write_verify.statistical`) per device instead.
+* The programmed conductances are read out linearly with
+  :func:`swimjax.mapping.from_conductances` (no read noise: add it with
+  :func:`swimjax.devices.read` if an evaluation wants it).
+
+Unmapped leaves (biases, normalization parameters) are digital: returned
+exactly, with 0 write cycles. Entries of the mask on them are ignored.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from swimjax import _validation as v
+from swimjax import devices
+from swimjax import mapping
+from swimjax import write_verify as wv
+
+
+class ProgrammingResult(NamedTuple):
+    """Programmed parameters and their cost.
+
+    Attributes:
+      params: the weights the hardware computes with (structure, shapes and
+        dtypes of the input ``params``); unmapped leaves unchanged.
+      cycles: pytree like ``params``, int32 per weight: write cycles summed over
+        the weight's devices (0 for digital leaves).
+      failed: pytree like ``params``, bool per weight: any of its devices
+        failed to converge within the pulse budget (False for digital leaves).
+    """
+
+    params: Any
+    cycles: Any
+    failed: Any
+
+    @property
+    def total_cycles(self) -> int:
+        """Total write cycles over every device (a Python int; eager only)."""
+        return int(sum(int(np.sum(np.asarray(c, np.int64)))
+                       for c in jax.tree_util.tree_leaves(self.cycles)))
+
+    @property
+    def n_failed(self) -> int:
+        """Number of weights with a failed device (a Python int; eager only)."""
+        return int(sum(int(np.count_nonzero(np.asarray(f)))
+                       for f in jax.tree_util.tree_leaves(self.failed)))
+
+
+def _device_axes(cfg: mapping.MappingConfig) -> tuple[int, ...]:
+    """Leading axes of a mapped tensor's ``g`` that index a weight's devices."""
+    return (0, 1) if cfg.sign == "differential" else (0,)
+
+
+def _check_inputs(params: Any, mask: Any, selected: Any | None) -> tuple[bool, ...]:
+    """Validates (outside jit) and returns the selection as a static tuple."""
+    v.check_finite_tree("params", params)
+    v.check_same_structure("mask", mask, params)
+    for path, m in jax.tree_util.tree_leaves_with_path(mask):
+        dtype = getattr(m, "dtype", np.asarray(m).dtype)
+        if dtype != np.bool_:
+            raise ValueError(
+                f"mask{jax.tree_util.keystr(path)} must be a bool array, got dtype {dtype}")
+    if selected is None:
+        selected = mapping.mapped_leaves(params)
+    v.check_same_structure("selected", selected, params, check_shapes=False)
+    leaves = jax.tree_util.tree_leaves(selected)
+    for path, s in jax.tree_util.tree_leaves_with_path(selected):
+        if not isinstance(s, (bool, np.bool_)):
+            raise ValueError(
+                f"selected{jax.tree_util.keystr(path)} must be a Python bool, got {s!r}")
+    for (path, w), s in zip(jax.tree_util.tree_leaves_with_path(params), leaves):
+        if s and not jnp.issubdtype(jnp.result_type(w), jnp.floating):
+            raise ValueError(f"params{jax.tree_util.keystr(path)} is selected for mapping "
+                             f"but is not floating point (dtype {jnp.result_type(w)})")
+    return tuple(bool(s) for s in leaves)
+
+
+def _per_weight(x: jax.Array, cfg: mapping.MappingConfig, reduce: Any) -> jax.Array:
+    return reduce(x, axis=_device_axes(cfg))
+
+
+@functools.partial(jax.jit, static_argnames=("selected", "mapping_cfg", "device", "wv_config"))
+def _program_impl(key, params, mask, *, selected, mapping_cfg, device, wv_config):
+    treedef = jax.tree_util.tree_structure(params)
+    leaves = treedef.flatten_up_to(params)
+    masks = treedef.flatten_up_to(mask)
+    mapped = {i: mapping.to_conductances(w, mapping_cfg)
+              for i, (w, s) in enumerate(zip(leaves, selected)) if s}
+    out_params, out_cycles, out_failed = list(leaves), [], []
+    if mapped:
+        idx = sorted(mapped)
+        gs = [mapped[i].g for i in idx]
+        dtype = jnp.result_type(*gs)
+        target = jnp.concatenate([g.astype(dtype).ravel() for g in gs])
+        vmask = jnp.concatenate(
+            [jnp.broadcast_to(masks[i], mapped[i].g.shape).ravel() for i in idx])
+        res = wv.explicit(device, wv_config)(key, target, vmask)
+        offsets = np.cumsum([0] + [g.size for g in gs])
+        programmed = {}
+        for j, i in enumerate(idx):
+            sl = slice(int(offsets[j]), int(offsets[j + 1]))
+            shape = gs[j].shape
+            g = res.g[sl].reshape(shape).astype(gs[j].dtype)
+            programmed[i] = (g, res.cycles[sl].reshape(shape), res.failed[sl].reshape(shape))
+    for i, w in enumerate(leaves):
+        if i in mapped:
+            g, cyc, fail = programmed[i]
+            out_params[i] = mapping.from_conductances(mapped[i]._replace(g=g), mapping_cfg)
+            out_cycles.append(_per_weight(cyc, mapping_cfg, jnp.sum).astype(jnp.int32))
+            out_failed.append(_per_weight(fail, mapping_cfg, jnp.any))
+        else:
+            out_cycles.append(jnp.zeros(jnp.shape(w), jnp.int32))
+            out_failed.append(jnp.zeros(jnp.shape(w), bool))
+    return ProgrammingResult(treedef.unflatten(out_params), treedef.unflatten(out_cycles),
+                             treedef.unflatten(out_failed))
+
+
+def program_params(key: jax.Array, params: Any, mask: Any, mapping_cfg: mapping.MappingConfig,
+                   device: devices.DeviceConfig, wv_config: wv.WriteVerifyConfig,
+                   selected: Any | None = None) -> ProgrammingResult:
+    """Programs a parameter pytree onto devices with explicit write-verify.
+
+    Args:
+      key: PRNG key (one explicit loop over all devices; see
+        :mod:`swimjax.write_verify` for the key schedule).
+      params: any pytree of arrays (weights in their own units).
+      mask: pytree like ``params`` of bool arrays of each leaf's shape;
+        ``True`` = write-verify this weight (all of its devices). Ignored on
+        unmapped leaves.
+      mapping_cfg: how weights map onto devices.
+      device: the device model.
+      wv_config: the write-verify scheme (tolerance in full-scale units).
+      selected: pytree of Python bools like ``params`` (which leaves are
+        mapped); default :func:`swimjax.mapping.mapped_leaves`.
+
+    Returns:
+      :class:`ProgrammingResult` ``(params, cycles, failed)``, per weight;
+      ``.total_cycles`` and ``.n_failed`` give the totals.
+
+    Raises:
+      ValueError: ``mask`` does not match ``params`` (structure, shapes, bool
+        dtype), non-finite weights, bad configs.
+    """
+    for name, obj, cls in (("mapping_cfg", mapping_cfg, mapping.MappingConfig),
+                           ("device", device, devices.DeviceConfig),
+                           ("wv_config", wv_config, wv.WriteVerifyConfig)):
+        if not isinstance(obj, cls):
+            raise ValueError(f"{name} must be a {cls.__name__}, got {type(obj).__name__}")
+    sel = _check_inputs(params, mask, selected)
+    return _program_impl(key, params, mask, selected=sel, mapping_cfg=mapping_cfg,
+                         device=device, wv_config=wv_config)
+
+
+@functools.partial(jax.jit, static_argnames=("selected", "mapping_cfg", "truncate"))
+def _statistical_impl(key, params, mask, sigma_unverified, sigma_verified, *, selected,
+                      mapping_cfg, truncate):
+    treedef = jax.tree_util.tree_structure(params)
+    leaves = treedef.flatten_up_to(params)
+    masks = treedef.flatten_up_to(mask)
+    out = list(leaves)
+    for i, (w, s) in enumerate(zip(leaves, selected)):
+        if not s:
+            continue
+        mt = mapping.to_conductances(w, mapping_cfg)
+        g = wv.statistical(jax.random.fold_in(key, i), mt.g, masks[i], sigma_unverified,
+                           sigma_verified, truncate)
+        out[i] = mapping.from_conductances(mt._replace(g=g), mapping_cfg)
+    return treedef.unflatten(out)
+
+
+def program_params_statistical(key: jax.Array, params: Any, mask: Any,
+                               mapping_cfg: mapping.MappingConfig,
+                               sigma_unverified: float, sigma_verified: float,
+                               truncate: float | None = None,
+                               selected: Any | None = None) -> Any:
+    """Programs ``params`` with SWIM's statistical write-verify, per device.
+
+    Every device of a mapped weight gets ``g = target + sigma * eps`` with
+    ``sigma = sigma_verified`` (optionally truncated at ``+-truncate``) where
+    the weight is verified and ``sigma_unverified`` elsewhere (stds in device
+    full-scale units); then the conductances are read out. Leaf ``i`` (in
+    flattening order) draws with ``fold_in(key, i)``.
+
+    Returns:
+      The programmed parameter pytree (unmapped leaves unchanged).
+    """
+    if not isinstance(mapping_cfg, mapping.MappingConfig):
+        raise ValueError(f"mapping_cfg must be a MappingConfig, got {type(mapping_cfg).__name__}")
+    v.check_nonnegative("sigma_unverified", sigma_unverified)
+    v.check_nonnegative("sigma_verified", sigma_verified)
+    if truncate is not None:
+        v.check_positive("truncate", truncate)
+    sel = _check_inputs(params, mask, selected)
+    return _statistical_impl(key, params, mask, sigma_unverified, sigma_verified, selected=sel,
+                             mapping_cfg=mapping_cfg,
+                             truncate=None if truncate is None else float(truncate))
+
+
+def cycles_full_write_verify(key: jax.Array, params: Any, mapping_cfg: mapping.MappingConfig,
+                             device: devices.DeviceConfig, wv_config: wv.WriteVerifyConfig,
+                             selected: Any | None = None) -> ProgrammingResult:
+    """:func:`program_params` with every weight verified: the reference of NWC."""
+    mask = jax.tree.map(lambda w: jnp.ones(jnp.shape(w), bool), params)
+    return program_params(key, params, mask, mapping_cfg, device, wv_config, selected)

@@ -1,0 +1,771 @@
+"""Second-order sensitivity scores: which weights matter under weight noise.
+
+Every estimator has the signature ``(key, apply_fn, params, batches, loss=None,
+**options) -> scores`` and returns a pytree shaped like ``params`` (float32
+for float32 params). None needs special layers: ``apply_fn(params, x) ->
+logits`` may be any function built from ordinary JAX/flax operations.
+
+**Objective.** All curvatures are of the *mean* loss over the data,
+``L(params) = sum_i w_i loss_i / sum_i w_i`` (``w_i`` = 1 for real examples, 0
+for padding), so scores do not grow with the data size and
+``predicted_loss_increase`` is directly a mean-loss increase. (SWIM's reference
+sums over examples instead: N times larger, same ranking.)
+
+**Data.** ``batches`` is one of
+
+* a tuple ``(x, y)`` of *stacked* arrays ``x: (n_batches, batch, ...)``,
+  ``y: (n_batches, batch, ...)`` -- batches are ``lax.scan``-ned inside one
+  jitted computation;
+* a tuple ``(x, y, w)`` with example weights ``w: (n_batches, batch)`` (what
+  :func:`make_batches` returns: it pads the last batch with zero weight);
+* a list (or other iterable) of ``(x_b, y_b)`` pairs of equal shapes, which is
+  stacked.
+
+**Loss.** ``loss(logits, labels) -> (batch,)`` per-example losses; default
+:func:`softmax_cross_entropy` (integer labels), for which the output Hessian
+``diag(p) - p p^T`` is used in closed form. Any other loss works through
+autodiff (its per-example Hessian with respect to the logits).
+
+**Units.** ``hutchinson``, ``ggn``, ``fisher``, ``hessian_diag`` and
+``gradient`` are derivatives with respect to the weights themselves. ``swim``
+by default (``normalize=True``) follows SWIM exactly: on every mapped leaf it
+is the curvature with respect to the max-normalized weight
+``w_hat = w / max|W|``, i.e. ``S_w * max|W|^2``; it then ranks like the
+expected loss increase when the weight error is proportional to each layer's
+scale (SWIM's model). Combine normalized scores with sigmas *relative to the
+layer scale* (e.g. scalars); combine weight-unit scores (``normalize=False``,
+or :func:`to_weight_units`) with weight-unit sigmas such as
+``perturbation.weight_sigmas``. Mixing the two counts the scale twice.
+
+Costs (in gradient passes over the same data): ``swim`` about 1-1.5 (one
+forward plus one backward sweep of squared coefficients; +1 with
+``first_order``), ``hutchinson`` about 2-3 per probe, ``ggn`` about C per
+example chunk (C = number of classes), ``fisher`` about ``n_samples``,
+``hessian_diag`` P Hessian-vector products (small models only).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from swimjax import _obd
+from swimjax import _validation as v
+from swimjax._obd import SUPPORTED_PRIMITIVES, UnsupportedPrimitiveError
+from swimjax.mapping import mapped_leaves
+
+Array = jax.Array
+PyTree = Any
+ApplyFn = Callable[[PyTree, Array], Array]
+LossFn = Callable[[Array, Array], Array]
+Batches = tuple[Array, Array, Array]
+
+__all__ = [
+    "METHODS", "SUPPORTED_PRIMITIVES", "UnsupportedPrimitiveError", "as_batches", "fisher",
+    "ggn", "gradient", "hessian_diag", "hutchinson", "magnitude", "make_batches", "random",
+    "saliency", "score", "softmax_cross_entropy", "swim", "to_weight_units",
+]
+
+#: Default bound on the floats materialized by per-example computations (ggn, fisher).
+_PER_EXAMPLE_FLOATS = 1 << 25
+
+
+# --------------------------------------------------------------------------
+# Loss and data helpers
+# --------------------------------------------------------------------------
+
+
+def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
+    """Per-example softmax cross-entropy, ``(batch, C)`` logits and integer labels.
+
+    Returns ``(batch,)`` losses in nats.
+    """
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def make_batches(x: Array, y: Array, batch_size: int) -> Batches:
+    """Stacks ``(N, ...)`` data into ``(n_batches, batch_size, ...)`` batches.
+
+    The last batch is padded (zeros) and the padding gets weight 0, so every
+    estimator sees exactly the N examples. Returns ``(x, y, w)``.
+    """
+    batch_size = v.check_int("batch_size", batch_size, 1, None)
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    if x.ndim < 1 or y.ndim < 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"x and y must have the same number of examples (leading axis), got "
+            f"x{tuple(x.shape)} and y{tuple(y.shape)}")
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("x must hold at least one example, got 0")
+    n_b = -(-n // batch_size)
+    pad = n_b * batch_size - n
+
+    def stack(a: Array) -> Array:
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape((n_b, batch_size) + a.shape[1:])
+
+    w = jnp.concatenate([jnp.ones((n,), jnp.float32), jnp.zeros((pad,), jnp.float32)])
+    return stack(x), stack(y), w.reshape(n_b, batch_size)
+
+
+def _is_array(a: Any) -> bool:
+    return isinstance(a, (jax.Array, np.ndarray))
+
+
+def as_batches(batches: Any) -> Batches:
+    """Validates ``batches`` and returns stacked ``(x, y, w)`` (see module doc).
+
+    Raises:
+      ValueError: when x and y (and w) do not share ``(n_batches, batch)``
+        leading axes, weights are negative/non-finite or all zero.
+    """
+    if isinstance(batches, (tuple, list)) and len(batches) in (2, 3) and all(
+            _is_array(a) for a in batches):
+        x, y = jnp.asarray(batches[0]), jnp.asarray(batches[1])
+        w = None if len(batches) == 2 else jnp.asarray(batches[2])
+    else:
+        if batches is None or _is_array(batches):
+            raise ValueError(
+                "batches must be (x, y) or (x, y, w) stacked arrays with leading axes "
+                "(n_batches, batch), or an iterable of (x, y) pairs; see make_batches")
+        pairs = list(batches)
+        if not pairs or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
+            raise ValueError("batches as an iterable must yield (x, y) pairs, at least one")
+        shapes = {(np.shape(p[0]), np.shape(p[1])) for p in pairs}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"batches: every (x, y) batch must have the same shapes, got {sorted(shapes)}")
+        x = jnp.stack([jnp.asarray(p[0]) for p in pairs])
+        y = jnp.stack([jnp.asarray(p[1]) for p in pairs])
+        w = None
+    if x.ndim < 2 or y.ndim < 2:
+        raise ValueError(
+            f"batches: x and y must have leading axes (n_batches, batch), got "
+            f"x{tuple(x.shape)} and y{tuple(y.shape)}; use make_batches(x, y, batch_size)")
+    if x.shape[:2] != y.shape[:2]:
+        raise ValueError(
+            f"batches: x and y must have the same (n_batches, batch) leading axes, got "
+            f"x{tuple(x.shape[:2])} and y{tuple(y.shape[:2])}")
+    if x.shape[1] == 0:
+        raise ValueError("batches: batch size must be >= 1, got 0")
+    if w is None:
+        w = jnp.ones(x.shape[:2], jnp.float32)
+    else:
+        if w.shape != x.shape[:2]:
+            raise ValueError(
+                f"batches: weights w must have shape (n_batches, batch) = {tuple(x.shape[:2])}, "
+                f"got {tuple(w.shape)}")
+        wn = np.asarray(w)
+        if not np.all(np.isfinite(wn)) or np.any(wn < 0) or not np.any(wn > 0):
+            raise ValueError("batches: weights w must be finite, >= 0 and not all zero")
+        w = w.astype(jnp.float32)
+    return x, y, w
+
+
+def _check_params(params: PyTree) -> None:
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    if not leaves:
+        raise ValueError("params must hold at least one array leaf")
+    for path, leaf in leaves:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise ValueError(
+                f"params{jax.tree_util.keystr(path)} must be a floating array, got dtype "
+                f"{jnp.result_type(leaf)}")
+    v.check_finite_tree("params", params)
+
+
+def _resolve_selected(params: PyTree, selected: PyTree | None) -> tuple[bool, ...]:
+    if selected is None:
+        selected = mapped_leaves(params)
+    v.check_same_structure("selected", selected, params, check_shapes=False)
+    flags = jax.tree_util.tree_leaves(selected)
+    for f in flags:
+        if not isinstance(f, (bool, np.bool_)):
+            raise ValueError(f"selected must be a pytree of Python bools, got leaf {f!r}")
+    return tuple(bool(f) for f in flags)
+
+
+def _weighted_loss(apply_fn: ApplyFn, loss: LossFn, params: PyTree, x: Array, y: Array,
+                   w: Array, n: Array) -> Array:
+    """``sum_i w_i loss_i / n`` for one batch (a scalar)."""
+    per_ex = loss(apply_fn(params, x), y)
+    if per_ex.shape != w.shape:
+        raise ValueError(
+            f"loss must return per-example losses of shape {tuple(w.shape)}, got "
+            f"{tuple(per_ex.shape)}")
+    return jnp.sum(w * per_ex) / n
+
+
+def _loss_or_default(loss: LossFn | None) -> LossFn:
+    return softmax_cross_entropy if loss is None else loss
+
+
+# --------------------------------------------------------------------------
+# Output (logit) Hessian of the loss: diagonal and square-root factor
+# --------------------------------------------------------------------------
+
+
+def _loss_hessian_columns(loss: LossFn, logits: Array, labels: Array) -> Array:
+    """Per-example Hessians of ``loss`` w.r.t. the logits: ``(batch, K, K)``.
+
+    ``K = prod(logits.shape[1:])``. Computed by K Hessian-vector products of
+    ``sum_i loss_i`` (examples do not interact, so one HVP per class serves
+    the whole batch).
+    """
+    b = logits.shape[0]
+    k = math.prod(logits.shape[1:])
+    g = jax.grad(lambda z: jnp.sum(loss(z, labels)))
+
+    def column(c: Array) -> Array:
+        t = jnp.broadcast_to(jax.nn.one_hot(c, k, dtype=logits.dtype), (b, k)).reshape(logits.shape)
+        return jax.jvp(g, (logits,), (t,))[1].reshape(b, k)
+
+    cols = jax.vmap(column)(jnp.arange(k))  # (K, B, K): cols[c, i] = H_i e_c
+    return jnp.transpose(cols, (1, 2, 0))
+
+
+def _loss_hessian_diag(loss: LossFn | None, logits: Array, labels: Array) -> Array:
+    """Diagonal of each example's loss Hessian w.r.t. its logits (logits' shape)."""
+    if loss is None:
+        p = jax.nn.softmax(logits, axis=-1)
+        return p * (1.0 - p)
+    h = _loss_hessian_columns(loss, logits, labels)
+    return jnp.diagonal(h, axis1=1, axis2=2).reshape(logits.shape)
+
+
+def _loss_hessian_sqrt(loss: LossFn | None, logits: Array, labels: Array) -> Array:
+    """``L`` of shape ``(batch, K, R)`` with ``L L^T`` = each example's loss Hessian.
+
+    Softmax-CE: ``L = diag(sqrt p) - p sqrt(p)^T`` (R = C). Other losses: the
+    PSD part of the autodiff Hessian (eigenvalues clipped at 0).
+    """
+    if loss is None:
+        p = jax.nn.softmax(logits.reshape(logits.shape[0], -1), axis=-1)
+        s = jnp.sqrt(p)
+        return jax.vmap(jnp.diag)(s) - p[:, :, None] * s[:, None, :]
+    h = _loss_hessian_columns(loss, logits, labels)
+    h = 0.5 * (h + jnp.swapaxes(h, 1, 2))
+    lam, vec = jnp.linalg.eigh(h)
+    return vec * jnp.sqrt(jnp.maximum(lam, 0.0))[:, None, :]
+
+
+# --------------------------------------------------------------------------
+# swim: Optimal Brain Damage through a jaxpr transformation
+# --------------------------------------------------------------------------
+
+
+def _scale_of(leaf: Array) -> Array:
+    return jnp.max(jnp.abs(leaf))
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "loss", "norm_flags", "first_order"))
+def _swim_impl(params, x, y, w, *, apply_fn, loss, norm_flags, first_order):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    n_tot = jnp.sum(w)
+    spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, x[0]))
+    closed = jax.make_jaxpr(apply_fn)(*spec)
+    if len(closed.jaxpr.outvars) != 1:
+        raise ValueError("apply_fn must return a single logits array")
+    n_x = len(closed.jaxpr.invars) - len(leaves)
+    active = [True] * len(leaves) + [False] * n_x
+    loss_fn = _loss_or_default(loss)
+
+    def body(carry, batch):
+        xb, yb, wb = batch
+        tape, out_ids = _obd.forward(closed, leaves + jax.tree_util.tree_leaves(xb), active)
+        logits = tape.values[out_ids[0]]
+        if logits.ndim < 1 or logits.shape[0] != wb.shape[0]:
+            raise ValueError(
+                f"apply_fn must return logits with a leading batch axis of {wb.shape[0]}, "
+                f"got shape {tuple(logits.shape)}")
+        wexp = (wb / n_tot).reshape((-1,) + (1,) * (logits.ndim - 1))
+        s_out = _loss_hessian_diag(loss, logits, yb) * wexp
+        s = _obd.backward(tape, out_ids, [s_out.astype(logits.dtype)])
+        s_leaves = [s.get(i, jnp.zeros_like(leaf)) for i, leaf in enumerate(leaves)]
+        acc_s = [a + b for a, b in zip(carry[0], s_leaves)]
+        acc_g = carry[1]
+        if first_order:
+            # SWIM's first-order term: the gradient of the batch's MEAN loss.
+            nb = jnp.maximum(jnp.sum(wb), 1e-30)
+            g = jax.grad(_weighted_loss, argnums=2)(apply_fn, loss_fn, params, xb, yb, wb, nb)
+            acc_g = [a + b for a, b in zip(acc_g, jax.tree_util.tree_leaves(g))]
+        return (acc_s, acc_g), None
+
+    zeros = [jnp.zeros_like(leaf) for leaf in leaves]
+    (s_sum, g_sum), _ = lax.scan(body, (zeros, list(zeros)), (x, y, w))
+    out = []
+    for leaf, s_l, g_l, norm in zip(leaves, s_sum, g_sum, norm_flags):
+        scale = _scale_of(leaf) if norm else jnp.ones((), leaf.dtype)
+        h = s_l * jnp.square(scale)
+        if first_order:
+            # reference: S + 2 * (sum over batches of mean-batch gradients), in
+            # mean-loss units (both divided by N); ranked by magnitude.
+            h = jnp.abs(h + 2.0 * g_l * scale / n_tot)
+        out.append(h)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def swim(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
+         loss: LossFn | None = None, *, normalize: bool = True, first_order: bool = False,
+         selected: PyTree | None = None) -> PyTree:
+    """SWIM's second-derivative score: Optimal Brain Damage, Gauss-Newton, diagonal.
+
+    ``apply_fn`` is traced to a jaxpr and transformed: one forward pass records
+    the values, one backward sweep propagates diagonal second derivatives
+    ``S`` (softmax-CE output ``p(1-p)``; linear maps with squared coefficients,
+    ``S_W = sum x^2 S_y``, ``S_x = sum W^2 S_y``; ReLU masks; max-pool routes to
+    the winner; average-pool scales by ``1/k^2``; off-diagonal terms dropped),
+    batches scanned in one jitted computation. See :mod:`swimjax._obd`.
+
+    Args:
+      key: unused (deterministic estimator); accepted for the common signature.
+      apply_fn: ``apply_fn(params, x) -> logits`` of shape ``(batch, ...)``.
+      params: parameter pytree (float leaves).
+      batches: data, see the module docstring.
+      loss: per-example loss ``loss(logits, labels) -> (batch,)``; default
+        softmax cross-entropy.
+      normalize: SWIM's convention (default): on mapped leaves return S for
+        ``w_hat = w / max|W|`` (``S_w * max|W|^2``); unmapped leaves (biases)
+        are never normalized. ``False``: S for the weights themselves.
+      first_order: add SWIM's first-order term, twice the accumulated
+        mean-batch gradient (same units), and return the magnitude
+        ``|S + 2 g|``, as the reference ranks it. Note that with it the result
+        depends on the batch size, as in the reference.
+      selected: pytree of Python bools marking mapped leaves (default
+        :func:`swimjax.mapping.mapped_leaves`).
+
+    Returns:
+      Pytree like ``params``: diagonal Gauss-Newton curvature of the mean
+      loss (>= 0), in the units above.
+
+    Raises:
+      UnsupportedPrimitiveError (a ValueError): ``apply_fn`` uses a primitive
+        on a parameter path with no OBD rule; the message names it.
+    """
+    del key
+    _check_params(params)
+    flags = _resolve_selected(params, selected)
+    x, y, w = as_batches(batches)
+    norm_flags = tuple(bool(normalize) and f for f in flags)
+    return _swim_impl(params, x, y, w, apply_fn=apply_fn, loss=loss, norm_flags=norm_flags,
+                      first_order=bool(first_order))
+
+
+def to_weight_units(scores: PyTree, params: PyTree, selected: PyTree | None = None) -> PyTree:
+    """Converts normalized ``swim`` scores (w.r.t. ``w / max|W|``) to weight units.
+
+    Divides every mapped leaf by ``max|W|^2`` (an all-zero leaf stays zero).
+    """
+    v.check_same_structure("scores", scores, params)
+    flags = _resolve_selected(params, selected)
+    leaves, treedef = jax.tree_util.tree_flatten(scores)
+    out = []
+    for h, p, f in zip(leaves, jax.tree_util.tree_leaves(params), flags):
+        if f:
+            s2 = jnp.square(_scale_of(jnp.asarray(p)))
+            h = jnp.where(s2 > 0, h / jnp.where(s2 > 0, s2, 1.0), 0.0)
+        out.append(h)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# --------------------------------------------------------------------------
+# hutchinson
+# --------------------------------------------------------------------------
+
+
+def _rademacher_like(key: Array, params: PyTree, k: int) -> PyTree:
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    z = [jax.random.rademacher(kk, (k,) + leaf.shape, leaf.dtype) for kk, leaf in zip(keys, leaves)]
+    return jax.tree_util.tree_unflatten(treedef, z)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "apply_fn", "loss", "n_probes", "probe_batch", "per_batch_probes"))
+def _hutchinson_impl(key, params, x, y, w, *, apply_fn, loss, n_probes, probe_batch,
+                     per_batch_probes):
+    loss_fn = _loss_or_default(loss)
+    n_tot = jnp.sum(w)
+    shared = _rademacher_like(key, params, n_probes)
+
+    def body(carry, batch):
+        b, xb, yb, wb = batch
+        z = _rademacher_like(jax.random.fold_in(key, b), params, n_probes) \
+            if per_batch_probes else shared
+        grad_fn = jax.grad(lambda p: _weighted_loss(apply_fn, loss_fn, p, xb, yb, wb, n_tot))
+
+        def z_hz(v):
+            hv = jax.jvp(grad_fn, (params,), (v,))[1]
+            return jax.tree_util.tree_map(jnp.multiply, v, hv)
+
+        zh = lax.map(z_hz, z, batch_size=probe_batch)
+        est = jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), zh)
+        return jax.tree_util.tree_map(jnp.add, carry, est), None
+
+    init = jax.tree_util.tree_map(jnp.zeros_like, params)
+    out, _ = lax.scan(body, init, (jnp.arange(x.shape[0]), x, y, w))
+    return out
+
+
+def hutchinson(key: Array, apply_fn: ApplyFn, params: PyTree, batches: Any,
+               loss: LossFn | None = None, *, n_probes: int = 16, probe_batch: int = 4,
+               probes: str = "shared") -> PyTree:
+    """Hutchinson's unbiased estimate of the Hessian diagonal, ``E[z * H z]``.
+
+    ``z`` are Rademacher probes; ``H z`` by forward-over-reverse
+    (``jax.jvp`` of ``jax.grad``); probes vmapped ``probe_batch`` at a time
+    (``lax.map``), batches scanned, all in one jitted computation. The error
+    of each entry has variance ``sum_{j != i} H_ij^2 / n_probes``.
+
+    Args:
+      key: PRNG key for the probes.
+      n_probes: number of probes k (>= 1).
+      probe_batch: probes evaluated together by ``vmap`` (memory vs speed).
+      probes: ``"shared"`` (default): the same k probes for every batch, so
+        the result does not depend on how the data is batched;
+        ``"per_batch"``: fresh probes per batch (lower variance for the same
+        cost, but batching-dependent).
+
+    Returns:
+      Pytree like ``params``: estimated diagonal of the Hessian of the mean
+      loss (entries may be negative).
+    """
+    n_probes = v.check_int("n_probes", n_probes, 1, None)
+    probe_batch = v.check_int("probe_batch", probe_batch, 1, None)
+    v.check_choice("probes", probes, ("shared", "per_batch"))
+    _check_params(params)
+    x, y, w = as_batches(batches)
+    return _hutchinson_impl(key, params, x, y, w, apply_fn=apply_fn, loss=loss,
+                            n_probes=n_probes, probe_batch=min(probe_batch, n_probes),
+                            per_batch_probes=probes == "per_batch")
+
+
+# --------------------------------------------------------------------------
+# ggn and fisher: per-example vector-Jacobian products
+# --------------------------------------------------------------------------
+
+
+def _chunk_size(requested: int | None, batch: int, per_example_floats: int) -> int:
+    if requested is not None:
+        return min(v.check_int("chunk_size", requested, 1, None), batch)
+    return int(max(1, min(batch, _PER_EXAMPLE_FLOATS // max(1, per_example_floats))))
+
+
+def _chunked(a: Array, m: int) -> Array:
+    """``(batch, ...) -> (ceil(batch/m), m, ...)`` with zero padding."""
+    b = a.shape[0]
+    n_c = -(-b // m)
+    a = jnp.pad(a, [(0, n_c * m - b)] + [(0, 0)] * (a.ndim - 1))
+    return a.reshape((n_c, m) + a.shape[1:])
+
+
+def _sum_per_example(per_example: Callable, params: PyTree, xb, yb, wb, idx, m: int) -> PyTree:
+    """Sums ``per_example(x_i, y_i, w_i, idx_i)`` (a params-shaped pytree) over a batch,
+    vmapping ``m`` examples at a time."""
+    chunks = tuple(_chunked(a, m) for a in (xb, yb, wb, idx))
+
+    def body(carry, c):
+        out = jax.vmap(per_example)(*c)
+        return jax.tree_util.tree_map(lambda a, o: a + jnp.sum(o, axis=0), carry, out), None
+
+    init = jax.tree_util.tree_map(jnp.zeros_like, params)
+    out, _ = lax.scan(body, init, chunks)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "loss", "chunk"))
+def _ggn_impl(params, x, y, w, *, apply_fn, loss, chunk):
+    n_tot = jnp.sum(w)
+
+    def per_example(xi, yi, wi, _):
+        z, vjp = jax.vjp(lambda p: apply_fn(p, xi[None])[0], params)
+        lm = _loss_hessian_sqrt(loss, z[None], yi[None])[0]  # (K, R)
+        cots = jnp.transpose(lm).reshape((lm.shape[1],) + z.shape)
+        gs = jax.vmap(lambda c: vjp(c)[0])(cots)
+        return jax.tree_util.tree_map(lambda g: (wi / n_tot) * jnp.sum(jnp.square(g), 0), gs)
+
+    def body(carry, batch):
+        xb, yb, wb = batch
+        idx = jnp.zeros(wb.shape, jnp.int32)
+        s = _sum_per_example(per_example, params, xb, yb, wb, idx, chunk)
+        return jax.tree_util.tree_map(jnp.add, carry, s), None
+
+    init = jax.tree_util.tree_map(jnp.zeros_like, params)
+    out, _ = lax.scan(body, init, (x, y, w))
+    return out
+
+
+def _n_params(params: PyTree) -> int:
+    return int(sum(np.size(a) for a in jax.tree_util.tree_leaves(params)))
+
+
+def _n_outputs(apply_fn: ApplyFn, params: PyTree, x: Array) -> int:
+    out = jax.eval_shape(apply_fn, params, x[0, :1])
+    return math.prod(out.shape[1:])
+
+
+def ggn(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
+        loss: LossFn | None = None, *, chunk_size: int | None = None) -> PyTree:
+    """Exact diagonal of the generalized Gauss-Newton matrix ``J^T H_out J``.
+
+    Per example the loss Hessian w.r.t. the logits is factored ``H = L L^T``
+    (softmax-CE: ``L = diag(sqrt p) - p sqrt(p)^T``, C columns); the C
+    vector-Jacobian products ``J^T L_c`` are vmapped, squared and summed:
+    ``diag(GGN) = sum_i sum_c (J_i^T L_ic)^2``.
+
+    Args:
+      key: unused; accepted for the common signature.
+      chunk_size: examples vmapped together (memory ``chunk * C * n_params``
+        floats); default keeps that under 2^25 floats.
+
+    Returns:
+      Pytree like ``params``: the GGN diagonal of the mean loss (>= 0).
+    """
+    del key
+    _check_params(params)
+    x, y, w = as_batches(batches)
+    k = _n_outputs(apply_fn, params, x)
+    m = _chunk_size(chunk_size, x.shape[1], k * _n_params(params))
+    return _ggn_impl(params, x, y, w, apply_fn=apply_fn, loss=loss, chunk=m)
+
+
+def _default_sample(key: Array, logits: Array, n: int) -> Array:
+    return jax.random.categorical(key, logits, axis=-1, shape=(n,) + logits.shape[:-1])
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "apply_fn", "loss", "chunk", "empirical", "n_samples", "sample_fn"))
+def _fisher_impl(key, params, x, y, w, *, apply_fn, loss, chunk, empirical, n_samples,
+                 sample_fn):
+    loss_fn = _loss_or_default(loss)
+    n_tot = jnp.sum(w)
+    b = x.shape[1]
+
+    def per_example(xi, yi, wi, gi):
+        z, vjp = jax.vjp(lambda p: apply_fn(p, xi[None])[0], params)
+        if empirical:
+            labels = yi[None]
+        else:
+            ki = jax.random.fold_in(key, gi)
+            labels = (sample_fn or _default_sample)(ki, z, n_samples)
+        dz = jax.vmap(lambda lab: jax.grad(lambda zz: loss_fn(zz[None], lab[None])[0])(z))(labels)
+        gs = jax.vmap(lambda c: vjp(c)[0])(dz)
+        return jax.tree_util.tree_map(
+            lambda g: (wi / n_tot) * jnp.mean(jnp.square(g), 0), gs)
+
+    def body(carry, batch):
+        bi, xb, yb, wb = batch
+        idx = bi * b + jnp.arange(b, dtype=jnp.int32)  # dataset position: batching-invariant
+        s = _sum_per_example(per_example, params, xb, yb, wb, idx, chunk)
+        return jax.tree_util.tree_map(jnp.add, carry, s), None
+
+    init = jax.tree_util.tree_map(jnp.zeros_like, params)
+    out, _ = lax.scan(body, init, (jnp.arange(x.shape[0], dtype=jnp.int32), x, y, w))
+    return out
+
+
+def fisher(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
+           loss: LossFn | None = None, *, empirical: bool = False, n_samples: int = 1,
+           sample_fn: Callable[[Array, Array, int], Array] | None = None,
+           chunk_size: int | None = None) -> PyTree:
+    """Diagonal Fisher from per-example gradients, ``mean_i E[g_i^2]``.
+
+    * Monte-Carlo Fisher (default): labels sampled from the model,
+      ``y ~ softmax(logits)`` (``n_samples`` per example, key folded with the
+      example's position in the data, so batching does not change the
+      result). Unbiased for the GGN diagonal under softmax-CE.
+    * Empirical Fisher (``empirical=True``): the true labels; ``key`` unused.
+
+    Args:
+      key: PRNG key (Monte-Carlo version).
+      n_samples: sampled labels per example (>= 1).
+      sample_fn: ``sample_fn(key, logits_i, n) -> (n, ...) labels`` for a
+        custom ``loss`` (required then for the Monte-Carlo version).
+      chunk_size: examples vmapped together (see :func:`ggn`).
+    """
+    n_samples = v.check_int("n_samples", n_samples, 1, None)
+    if not empirical:
+        if loss is not None and sample_fn is None:
+            raise ValueError(
+                "fisher: the Monte-Carlo Fisher of a custom loss needs sample_fn(key, "
+                "logits_i, n) -> labels (or use empirical=True)")
+        if key is None:
+            raise ValueError("fisher: key must be a PRNG key for the Monte-Carlo Fisher")
+    else:
+        n_samples = 1
+    _check_params(params)
+    x, y, w = as_batches(batches)
+    m = _chunk_size(chunk_size, x.shape[1], n_samples * _n_params(params))
+    key = jax.random.key(0) if key is None else key
+    return _fisher_impl(key, params, x, y, w, apply_fn=apply_fn, loss=loss, chunk=m,
+                        empirical=bool(empirical), n_samples=n_samples, sample_fn=sample_fn)
+
+
+def _empirical_fisher(key, apply_fn, params, batches, loss=None, **kw):
+    """Empirical Fisher (true labels): :func:`fisher` with ``empirical=True``."""
+    return fisher(key, apply_fn, params, batches, loss, empirical=True, **kw)
+
+
+# --------------------------------------------------------------------------
+# hessian_diag: exact, for small models
+# --------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "loss", "chunk"))
+def _hessian_diag_impl(params, x, y, w, *, apply_fn, loss, chunk):
+    loss_fn = _loss_or_default(loss)
+    n_tot = jnp.sum(w)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    p = flat.shape[0]
+
+    def body(carry, batch):
+        xb, yb, wb = batch
+        g = jax.grad(lambda f: _weighted_loss(apply_fn, loss_fn, unravel(f), xb, yb, wb, n_tot))
+
+        def entry(i):
+            e = jax.nn.one_hot(i, p, dtype=flat.dtype)
+            return jax.jvp(g, (flat,), (e,))[1][i]
+
+        return carry + lax.map(entry, jnp.arange(p), batch_size=chunk), None
+
+    out, _ = lax.scan(body, jnp.zeros_like(flat), (x, y, w))
+    return unravel(out)
+
+
+def hessian_diag(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
+                 loss: LossFn | None = None, *, chunk_size: int = 64,
+                 max_params: int = 100_000) -> PyTree:
+    """Exact diagonal of the Hessian of the mean loss (small models, tests).
+
+    One Hessian-vector product per parameter with unit vectors (``chunk_size``
+    vmapped at a time): cost P HVPs per batch.
+
+    Raises:
+      ValueError: more than ``max_params`` parameters (use ``hutchinson``).
+    """
+    del key
+    _check_params(params)
+    n_p = _n_params(params)
+    if n_p > max_params:
+        raise ValueError(
+            f"hessian_diag: params has {n_p} entries, more than max_params={max_params}; "
+            f"use hutchinson or ggn for large models (or raise max_params)")
+    chunk_size = v.check_int("chunk_size", chunk_size, 1, None)
+    x, y, w = as_batches(batches)
+    return _hessian_diag_impl(params, x, y, w, apply_fn=apply_fn, loss=loss,
+                              chunk=min(chunk_size, n_p))
+
+
+# --------------------------------------------------------------------------
+# Baselines
+# --------------------------------------------------------------------------
+
+
+@jax.jit
+def _magnitude_impl(params):
+    return jax.tree_util.tree_map(jnp.abs, params)
+
+
+def magnitude(key: Array | None = None, apply_fn: ApplyFn | None = None, params: PyTree = None,
+              batches: Any = None, loss: LossFn | None = None) -> PyTree:
+    """``|w|`` (data unused)."""
+    del key, apply_fn, batches, loss
+    _check_params(params)
+    return _magnitude_impl(params)
+
+
+@jax.jit
+def _random_impl(key, params):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef, [jax.random.uniform(k, a.shape, a.dtype) for k, a in zip(keys, leaves)])
+
+
+def random(key: Array, apply_fn: ApplyFn | None = None, params: PyTree = None,
+           batches: Any = None, loss: LossFn | None = None) -> PyTree:
+    """Uniform ``[0, 1)`` scores, one independent key per leaf (data unused)."""
+    del apply_fn, batches, loss
+    if key is None:
+        raise ValueError("random: key must be a PRNG key")
+    _check_params(params)
+    return _random_impl(key, params)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "loss"))
+def _gradient_impl(params, x, y, w, *, apply_fn, loss):
+    loss_fn = _loss_or_default(loss)
+    n_tot = jnp.sum(w)
+
+    def body(carry, batch):
+        xb, yb, wb = batch
+        g = jax.grad(_weighted_loss, argnums=2)(apply_fn, loss_fn, params, xb, yb, wb, n_tot)
+        return jax.tree_util.tree_map(jnp.add, carry, g), None
+
+    out, _ = lax.scan(body, jax.tree_util.tree_map(jnp.zeros_like, params), (x, y, w))
+    return jax.tree_util.tree_map(jnp.abs, out)
+
+
+def gradient(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
+             loss: LossFn | None = None) -> PyTree:
+    """``|dL/dw|``: magnitude of the gradient of the mean loss over all the data."""
+    del key
+    _check_params(params)
+    x, y, w = as_batches(batches)
+    return _gradient_impl(params, x, y, w, apply_fn=apply_fn, loss=loss)
+
+
+def saliency(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
+             loss: LossFn | None = None, *, estimator: str = "swim", **kw) -> PyTree:
+    """OBD saliency ``|h| * w^2`` with ``h`` from ``estimator`` (default ``swim``).
+
+    Scale-invariant: ``h_w w^2 = h_{w_hat} w_hat^2``, so ``swim`` is evaluated
+    in weight units here (SWIM's reference computes ``S_{w_hat} * w_hat^2``,
+    the same numbers). ``kw`` go to the estimator.
+    """
+    v.check_choice("estimator", estimator, tuple(m for m in METHODS if m not in _NOT_CURVATURE))
+    if estimator == "swim":
+        kw = {**kw, "normalize": False}
+    h = score(estimator, key, apply_fn, params, batches, loss, **kw)
+    return jax.tree_util.tree_map(lambda a, p: jnp.abs(a) * jnp.square(p), h, params)
+
+
+# --------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------
+
+METHODS: dict[str, Callable[..., PyTree]] = {
+    "swim": swim,
+    "hutchinson": hutchinson,
+    "ggn": ggn,
+    "fisher": fisher,
+    "empirical_fisher": _empirical_fisher,
+    "hessian_diag": hessian_diag,
+    "magnitude": magnitude,
+    "random": random,
+    "gradient": gradient,
+    "saliency": saliency,
+}
+
+_NOT_CURVATURE = ("magnitude", "random", "gradient", "saliency")
+
+
+def score(method: str, key: Array | None, apply_fn: ApplyFn | None, params: PyTree,
+          batches: Any = None, loss: LossFn | None = None, **kw) -> PyTree:
+    """Runs the estimator ``method`` (one of :data:`METHODS`) with options ``kw``.
+
+    Raises:
+      ValueError: unknown ``method`` (the message lists the allowed names).
+    """
+    v.check_choice("method", method, tuple(METHODS))
+    return METHODS[method](key, apply_fn, params, batches, loss, **kw)

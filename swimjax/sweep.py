@@ -1,0 +1,311 @@
+"""The SWIM experiment: train (or load) a model, score its weights, and sweep
+methods x budgets of selective write-verify under Monte-Carlo device variation.
+
+``run_sweep(config, out_dir)`` writes, in ``out_dir``:
+
+* ``results.jsonl`` — one JSON object per (method, budget) point, flushed as
+  each point finishes; a rerun with the same configuration skips the points
+  already there (see :mod:`swimjax.results`).
+* ``accuracy_vs_nwc.png`` and ``summary.md`` (see :mod:`swimjax.report`).
+
+Two write-verify models (``config.write_verify``):
+
+* ``"statistical"`` — SWIM's own model (:mod:`swimjax.perturbation`): every
+  mapped weight gets ``dW = s * c(N, m) * sigma * eps`` with ``sigma = sigma_wv``
+  where verified and ``sigma_d`` elsewhere.
+* ``"explicit"`` — every Monte-Carlo run programs the mapped weights through
+  the device model and the iterative write-verify loop
+  (:mod:`swimjax.programming`): devices with open-loop variation ``sigma_d``,
+  verified devices pulsed until within ``tolerance`` (default
+  ``sqrt(3) * sigma_wv``, which gives a residual std of about ``sigma_wv`` for
+  an error spread evenly over the acceptance band).
+
+NWC is reported two ways: ``nwc`` = fraction of mapped weights verified (SWIM's
+axis) and ``nwc_cycles`` = total write cycles of the scheme over those of full
+write-verify, measured with the explicit loop (one programming pass per point).
+
+All Monte-Carlo points of a sweep use the same run keys (common random
+numbers), so differences between methods are not blurred by independent
+sampling noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+import zlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from swimjax import _validation as v
+from swimjax import (checkpoint, data as data_lib, devices, mapping, models, montecarlo,
+                     perturbation, programming, report, results, selection, sensitivity,
+                     training, write_verify)
+
+KEY_FIELDS = ("model", "dataset", "method", "budget", "sigma_d", "sigma_wv", "weight_bits",
+              "device_bits", "write_verify", "mc_runs", "seed", "n_test")
+DEFAULT_BUDGETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """Configuration of one SWIM sweep (every field is a flag of ``experiments/swim.py``).
+
+    Attributes:
+      model: zoo model name (:func:`swimjax.models.available_models`).
+      dataset: dataset name (:func:`swimjax.data.load`), or a ``.npz`` path.
+      data_dir: tensorflow-datasets directory for the full datasets.
+      checkpoint: checkpoint path to load, or to write after training if it
+        does not exist (default ``<out_dir>/<model>_<dataset>_seed<seed>.msgpack``).
+      methods: selection methods (:func:`swimjax.sensitivity.available_methods`).
+      budgets: fractions of mapped weights to write-verify, each in [0, 1].
+      sigma_d: device programming variation without write-verify (full-scale units).
+      sigma_wv: residual variation after write-verify (full-scale units).
+      weight_bits: N, magnitude bits per weight (>= 1).
+      device_bits: m, bits per device (1 <= m <= N).
+      write_verify: ``"statistical"`` or ``"explicit"``.
+      mc_runs: Monte-Carlo runs per point (>= 1).
+      seed: seed for training, scoring and Monte-Carlo.
+      train_epochs: epochs when training (None: the training config's default).
+      n_test: test images used (None: all).
+      n_score: training images used to compute the scores (None: all).
+      tolerance: explicit write-verify acceptance band (None: sqrt(3) * sigma_wv).
+      max_pulses: explicit write-verify pulse budget per device.
+      sigma_read: read noise during verify (full-scale units).
+      chunk_size: Monte-Carlo runs per vmapped chunk (None: automatic).
+      progress: show progress bars.
+    """
+
+    model: str = "lenet"
+    dataset: str = data_lib.DEFAULT_DATASET
+    data_dir: str | None = None
+    checkpoint: str | None = None
+    methods: tuple[str, ...] = ("swim", "magnitude", "random")
+    budgets: tuple[float, ...] = DEFAULT_BUDGETS
+    sigma_d: float = 0.1
+    sigma_wv: float = 0.03
+    weight_bits: int = 8
+    device_bits: int = 1
+    write_verify: str = "statistical"
+    mc_runs: int = 300
+    seed: int = 0
+    train_epochs: int | None = None
+    n_test: int | None = None
+    n_score: int | None = None
+    tolerance: float | None = None
+    max_pulses: int = 20
+    sigma_read: float = 0.0
+    chunk_size: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ValueError("methods must name at least one selection method")
+        for m in self.methods:
+            v.check_choice("methods", m, sensitivity.available_methods())
+        if not self.budgets:
+            raise ValueError("budgets must hold at least one fraction in [0, 1]")
+        for b in self.budgets:
+            v.check_range("budgets", b, 0.0, 1.0)
+        v.check_choice("model", self.model, models.available_models())
+        v.check_nonnegative("sigma_d", self.sigma_d)
+        v.check_nonnegative("sigma_wv", self.sigma_wv)
+        v.check_int("weight_bits", self.weight_bits, 1, 32)
+        v.check_int("device_bits", self.device_bits, 1, self.weight_bits)
+        v.check_choice("write_verify", self.write_verify, ("statistical", "explicit"))
+        v.check_int("mc_runs", self.mc_runs, 1, None)
+        v.check_int("seed", self.seed, 0, None)
+        if self.train_epochs is not None:
+            v.check_int("train_epochs", self.train_epochs, 1, None)
+        if self.n_test is not None:
+            v.check_int("n_test", self.n_test, 1, None)
+        if self.n_score is not None:
+            v.check_int("n_score", self.n_score, 1, None)
+        if self.tolerance is not None:
+            v.check_positive("tolerance", self.tolerance)
+        v.check_int("max_pulses", self.max_pulses, 1, None)
+        v.check_nonnegative("sigma_read", self.sigma_read)
+        if self.chunk_size is not None:
+            v.check_int("chunk_size", self.chunk_size, 1, None)
+
+    @property
+    def dataset_label(self) -> str:
+        """The dataset's name for files and rows (a path's file stem)."""
+        if self.dataset.endswith(".npz"):
+            return os.path.splitext(os.path.basename(self.dataset))[0]
+        return self.dataset.replace("/", "_")
+
+    def mapping_config(self) -> mapping.MappingConfig:
+        return mapping.MappingConfig(weight_bits=self.weight_bits, device_bits=self.device_bits)
+
+    def variation_config(self) -> perturbation.VariationConfig:
+        return perturbation.VariationConfig(sigma_d=self.sigma_d, sigma_wv=self.sigma_wv,
+                                            weight_bits=self.weight_bits,
+                                            device_bits=self.device_bits)
+
+    def device_config(self) -> devices.DeviceConfig:
+        """The device of the explicit loop: open-loop writes (and corrective
+        pulses) with variation ``sigma_d``, reads with ``sigma_read``.
+        Conductances are not clipped, as in SWIM's Gaussian model."""
+        return devices.DeviceConfig(sigma_program=self.sigma_d, sigma_pulse=self.sigma_d,
+                                    sigma_read=self.sigma_read, clip=False, name="sweep")
+
+    def write_verify_config(self) -> write_verify.WriteVerifyConfig:
+        tol = self.tolerance if self.tolerance is not None else math.sqrt(3.0) * self.sigma_wv
+        return write_verify.WriteVerifyConfig(tolerance=tol, max_pulses=self.max_pulses)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A trained model with its data, ready to be swept."""
+
+    model: models.Model
+    variables: Any
+    data: data_lib.Dataset
+    clean_test_accuracy: float
+    checkpoint_path: str
+    trained_now: bool
+
+
+def default_checkpoint_path(config: SweepConfig, out_dir: str) -> str:
+    return os.path.join(out_dir, f"{config.model}_{config.dataset_label}_seed{config.seed}.msgpack")
+
+
+def prepare(config: SweepConfig, out_dir: str) -> Prepared:
+    """Loads the data and the checkpoint, or trains the model and writes it."""
+    data = data_lib.load(config.dataset, data_dir=config.data_dir, n_test=config.n_test)
+    model = models.get_model(config.model, num_classes=data.num_classes,
+                             input_shape=tuple(data.x_train.shape[1:]))
+    path = config.checkpoint or default_checkpoint_path(config, out_dir)
+    trained_now = False
+    if os.path.exists(path):
+        target = model.init(jax.random.key(0))
+        variables, meta = checkpoint.load(path, target=target)
+        for field, want in (("model", config.model), ("dataset", config.dataset_label)):
+            if meta.get(field) not in (None, want):
+                raise ValueError(f"checkpoint {path} is for {field} {meta.get(field)!r}, "
+                                 f"not {want!r}: pass another --checkpoint or remove it")
+        logging.info("loaded checkpoint %s", path)
+    else:
+        tcfg = training.default_config(config.model, seed=config.seed)
+        if config.train_epochs is not None:
+            tcfg = dataclasses.replace(tcfg, epochs=config.train_epochs)
+        variables, _ = training.train(jax.random.key(config.seed), model, data, tcfg,
+                                      progress=config.progress)
+        trained_now = True
+    acc = float(training.evaluate_accuracy(model.apply_fn, variables, data.x_test, data.y_test))
+    if trained_now:
+        checkpoint.save(path, variables, dict(model=config.model, dataset=config.dataset_label,
+                                              seed=config.seed, test_accuracy=acc))
+        logging.info("trained %s to %.2f%% test accuracy; wrote %s", config.model, 100 * acc, path)
+    return Prepared(model, variables, data, acc, path, trained_now)
+
+
+def score_batches(data: data_lib.Dataset, n_score: int | None, batch_size: int = 500):
+    """The training data used for scoring, as stacked batches ``(x, y)`` of shapes
+    ``(n_batches, batch_size, ...)``, ``(n_batches, batch_size)``."""
+    x, y = data.x_train, data.y_train
+    n = len(x) if n_score is None else min(n_score, len(x))
+    bs = min(batch_size, n)
+    nb = n // bs
+    return (jnp.asarray(x[: nb * bs]).reshape(nb, bs, *x.shape[1:]),
+            jnp.asarray(y[: nb * bs]).reshape(nb, bs))
+
+
+def _perturb_fn(config: SweepConfig, mask: Any, selected: Any) -> Callable[[jax.Array, Any], Any]:
+    if config.write_verify == "statistical":
+        return perturbation.make_perturb_fn(mask, config.variation_config(), selected)
+    program = programming.make_program_fn(mask, config.mapping_config(), config.device_config(),
+                                          config.write_verify_config(), selected)
+    return lambda key, params: program(key, params).params
+
+
+def _score(method: str, key: jax.Array, apply_fn, params, batches) -> Any:
+    """Scores of one method, with a key that depends on the method's name only."""
+    key = jax.random.fold_in(key, zlib.crc32(method.encode()) % 2**31)
+    return sensitivity.score(method, key, apply_fn, params, batches)
+
+
+def run_sweep(config: SweepConfig, out_dir: str) -> list[dict[str, Any]]:
+    """Runs (or resumes) the sweep; returns every row of this configuration."""
+    os.makedirs(out_dir, exist_ok=True)
+    res = results.ResultsFile(os.path.join(out_dir, "results.jsonl"), KEY_FIELDS)
+    n_test_label = config.n_test if config.n_test is not None else -1
+    base = dict(model=config.model, dataset=config.dataset_label, sigma_d=config.sigma_d,
+                sigma_wv=config.sigma_wv, weight_bits=config.weight_bits,
+                device_bits=config.device_bits, write_verify=config.write_verify,
+                mc_runs=config.mc_runs, seed=config.seed, n_test=n_test_label)
+    todo = [(m, float(b)) for m in config.methods for b in config.budgets
+            if not res.has(dict(base, method=m, budget=float(b)))]
+    logging.info("%d of %d points to run", len(todo), len(config.methods) * len(config.budgets))
+    if todo:
+        _run_points(config, out_dir, res, base, todo)
+    rows = results.select_rows(res.rows, **base)
+    rows = [r for r in rows if r["method"] in config.methods]
+    title = (f"{config.model} / {config.dataset_label}: sigma_d={config.sigma_d}, "
+             f"sigma_wv={config.sigma_wv}, N={config.weight_bits}, m={config.device_bits}, "
+             f"{config.write_verify} write-verify, {config.mc_runs} MC runs")
+    report.plot_accuracy_vs_nwc(rows, os.path.join(out_dir, "accuracy_vs_nwc.png"), title=title)
+    with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
+        f.write(report.summary_markdown(rows, title=title))
+    return rows
+
+
+def _run_points(config: SweepConfig, out_dir: str, res: results.ResultsFile,
+                base: dict[str, Any], todo: list[tuple[str, float]]) -> None:
+    prep = prepare(config, out_dir)
+    params = prep.variables
+    apply_fn = prep.model.apply_fn
+    selected = mapping.mapped_leaves(params)
+    logging.info("mapped leaves:\n%s", mapping.describe_selection(params, selected))
+    sigma_u, sigma_v = perturbation.weight_sigmas(params, config.variation_config(), selected)
+    batches = score_batches(prep.data, config.n_score)
+    x_test, y_test = jnp.asarray(prep.data.x_test), jnp.asarray(prep.data.y_test)
+
+    root = jax.random.key(config.seed)
+    k_score, k_mc, k_prog = jax.random.split(jax.random.fold_in(root, 1), 3)
+    counter = programming.make_cycle_counter(config.mapping_config(), config.device_config(),
+                                             config.write_verify_config(), selected)
+    full_mask = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
+    full_cycles = counter(k_prog, params, full_mask)
+
+    scores: dict[str, Any] = {}
+    # The quadratic model's predicted loss increase uses one curvature for all
+    # methods (SWIM's Gauss-Newton diagonal), so rows are comparable.
+    curvature = _score("swim", k_score, apply_fn, params, batches)
+    scores["swim"] = curvature
+    for method, budget in todo:
+        t0 = time.perf_counter()
+        if method not in scores:
+            scores[method] = _score(method, k_score, apply_fn, params, batches)
+        mask = selection.select(scores[method], budget, sigma_unverified=sigma_u,
+                                sigma_verified=sigma_v, params=params, selected=selected)
+        n_mapped = sum(int(np.size(p)) for p, s in zip(jax.tree.leaves(params),
+                                                        jax.tree.leaves(selected)) if s)
+        n_verified = sum(int(np.sum(m)) for m, s in zip(jax.tree.leaves(mask),
+                                                         jax.tree.leaves(selected)) if s)
+        nwc = n_verified / n_mapped
+        nwc_cycles = counter(k_prog, params, mask) / full_cycles
+        mc = montecarlo.evaluate(k_mc, apply_fn, params, _perturb_fn(config, mask, selected),
+                                 x_test, y_test, config.mc_runs, chunk_size=config.chunk_size,
+                                 progress=config.progress)
+        s = mc.summary
+        row = dict(base, method=method, budget=budget, nwc=nwc,
+                   speedup=(1.0 / nwc if nwc > 0 else None), nwc_cycles=float(nwc_cycles),
+                   speedup_cycles=float(1.0 / nwc_cycles),
+                   n_verified=n_verified, n_mapped=n_mapped,
+                   acc_mean=s.mean, acc_std=s.std, acc_sem=s.sem, acc_p1=s.p1, acc_p5=s.p5,
+                   acc_min=s.min, acc_max=s.max, clean_acc=float(mc.clean_accuracy),
+                   loss_mean=float(np.mean(mc.loss)),
+                   predicted_loss_increase=float(selection.predicted_loss_increase(
+                       curvature, mask, sigma_u, sigma_v)),
+                   seconds=round(time.perf_counter() - t0, 3))
+        res.append(row)
+        logging.info("%-10s budget %.3f  NWC %.4f (cycles %.4f)  acc %.2f%% +- %.2f  p5 %.2f%%",
+                     method, budget, nwc, nwc_cycles, 100 * s.mean, 100 * s.std, 100 * s.p5)

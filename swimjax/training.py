@@ -1,0 +1,271 @@
+"""optax training of the model zoo, with optional noise-injection training.
+
+``train(key, model, data, config, perturb_fn=None) -> (variables, history)``
+
+* Optimizers as in SWIM: Adam (lr 1e-3) for LeNet and the ConvNet; SGD with
+  momentum 0.9, weight decay 5e-4 and a cosine learning-rate schedule for the
+  ResNets and VGGs (:func:`default_config` picks them by model name).
+* Deterministic from ``key``: the initial weights, the per-epoch shuffles and
+  the noise samples are all derived from it (same key, same data, same config
+  -> identical parameters on the same backend).
+* Noise-injection (variation-aware) training: with ``perturb_fn(key,
+  variables) -> variables`` (e.g. ``swimjax.perturbation.make_perturb_fn(mask,
+  cfg)``, the very function the Monte-Carlo evaluation uses), every step runs
+  its forward and backward pass at freshly perturbed weights while the update
+  is applied to the clean weights (straight-through: ``w + stop_gradient(
+  perturb(w) - w)``, so ``d loss / d w`` is the gradient at the perturbed
+  point). ``perturb_fn`` receives the FULL variables pytree (the one
+  ``model.apply_fn`` takes); only its ``"params"`` are used, batch statistics
+  are never perturbed.
+
+Each training step is one jitted function; the last partial batch of an epoch
+is dropped so that every step has the same shape (one compilation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from swimjax import _validation as v
+from swimjax.data import Dataset
+from swimjax.models import Model
+
+Variables = dict[str, Any]
+PerturbFn = Callable[[jax.Array, Variables], Variables]
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters.
+
+    Attributes:
+      optimizer: ``"adam"`` or ``"sgd"`` (with ``momentum``).
+      learning_rate: peak learning rate (> 0).
+      momentum: SGD momentum in [0, 1) (ignored by Adam).
+      weight_decay: L2 coefficient added to the gradient of every parameter
+        (PyTorch-style ``weight_decay``), >= 0.
+      schedule: ``"constant"`` or ``"cosine"`` (decay to 0 over all steps).
+      epochs: passes over the training set (>= 1).
+      batch_size: training batch size (>= 1; at most the training-set size).
+      eval_batch_size: batch size of the per-epoch test evaluation (>= 1).
+    """
+
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    epochs: int = 5
+    batch_size: int = 64
+    eval_batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        v.check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        v.check_positive("learning_rate", self.learning_rate)
+        v.check_range("momentum", self.momentum, 0.0, 1.0, high_inclusive=False)
+        v.check_nonnegative("weight_decay", self.weight_decay)
+        v.check_choice("schedule", self.schedule, SCHEDULES)
+        v.check_int("epochs", self.epochs, 1, None)
+        v.check_int("batch_size", self.batch_size, 1, None)
+        v.check_int("eval_batch_size", self.eval_batch_size, 1, None)
+
+    def make_optimizer(self, total_steps: int) -> optax.GradientTransformation:
+        """The optax transformation for ``total_steps`` updates."""
+        v.check_int("total_steps", total_steps, 1, None)
+        if self.schedule == "cosine":
+            lr: Any = optax.cosine_decay_schedule(self.learning_rate, decay_steps=total_steps)
+        else:
+            lr = self.learning_rate
+        if self.optimizer == "adam":
+            opt = optax.adam(lr)
+        else:
+            opt = optax.sgd(lr, momentum=self.momentum if self.momentum > 0 else None)
+        if self.weight_decay > 0:
+            return optax.chain(optax.add_decayed_weights(self.weight_decay), opt)
+        return opt
+
+
+def default_config(model_name: str, **overrides: Any) -> TrainConfig:
+    """SWIM's training settings for a zoo model, with optional overrides.
+
+    ``lenet`` / ``convnet``: Adam, lr 1e-3, constant. ResNets / VGGs: SGD,
+    lr 0.1, momentum 0.9, weight decay 5e-4, cosine schedule, batch 128.
+    """
+    if model_name in ("lenet", "convnet"):
+        base = TrainConfig(optimizer="adam", learning_rate=1e-3, schedule="constant")
+    elif model_name in ("resnet18", "resnet20", "vgg8", "vgg16"):
+        base = TrainConfig(optimizer="sgd", learning_rate=0.1, momentum=0.9, weight_decay=5e-4,
+                           schedule="cosine", batch_size=128, epochs=200)
+    else:
+        raise ValueError(
+            f"model_name must be one of ['convnet', 'lenet', 'resnet18', 'resnet20', 'vgg16', "
+            f"'vgg8'], got {model_name!r}")
+    return dataclasses.replace(base, **overrides)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy of (B, C) logits and (B,) integer labels."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+@functools.lru_cache(maxsize=64)
+def _correct_count_fn(apply_fn: Callable[[Any, jax.Array], jax.Array]) -> Callable[..., jax.Array]:
+    @jax.jit
+    def count(params: Any, x: jax.Array, y: jax.Array, valid: jax.Array) -> jax.Array:
+        pred = jnp.argmax(apply_fn(params, x), axis=-1)
+        return jnp.sum((pred == y) & valid)
+    return count
+
+
+def evaluate_accuracy(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
+                      x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> float:
+    """Top-1 accuracy (fraction in [0, 1]) of ``apply_fn(params, .)`` on ``(x, y)``.
+
+    Evaluated in batches of ``batch_size`` (the last one zero-padded and
+    masked, so one compilation serves every batch). ``x``: (N, ...) inputs,
+    ``y``: (N,) integer labels.
+    """
+    v.check_int("batch_size", batch_size, 1, None)
+    n = len(y)
+    if n == 0 or len(x) != n:
+        raise ValueError(f"x and y must hold the same number (>= 1) of examples, "
+                         f"got {len(x)} and {n}")
+    bs = min(batch_size, n)
+    count = _correct_count_fn(apply_fn)
+    correct = jnp.zeros((), jnp.int32)
+    for start in range(0, n, bs):
+        xb = np.asarray(x[start:start + bs])
+        yb = np.asarray(y[start:start + bs])
+        m = len(yb)
+        valid = np.arange(bs) < m
+        if m < bs:
+            xb = np.concatenate([xb, np.zeros((bs - m, *xb.shape[1:]), xb.dtype)])
+            yb = np.concatenate([yb, np.zeros((bs - m,), yb.dtype)])
+        correct = correct + count(params, xb, yb, valid)
+    return float(correct) / n
+
+
+def straight_through(params: Any, perturbed: Any) -> Any:
+    """``perturbed`` in the forward pass, identity gradient to ``params``."""
+    return jax.tree.map(lambda p, q: p + jax.lax.stop_gradient(q - p), params, perturbed)
+
+
+@functools.lru_cache(maxsize=32)
+def _make_train_step(model: Model, config: TrainConfig, total_steps: int,
+                     perturb_fn: Optional[PerturbFn]
+                     ) -> tuple[optax.GradientTransformation, Callable[..., Any]]:
+    """``(tx, step)``: the optimizer and the jitted ``step(params, opt_state,
+    state, x, y, key) -> (params, opt_state, state, loss, acc)``; ``state``
+    holds the non-parameter collections. Cached, so repeated ``train`` calls
+    with the same model/config/perturb_fn compile once."""
+    tx = config.make_optimizer(total_steps)
+
+    def loss_fn(params: Any, state: Variables, x: jax.Array, y: jax.Array, key: jax.Array
+                ) -> tuple[jax.Array, tuple[jax.Array, Variables]]:
+        if perturb_fn is not None:
+            noisy = perturb_fn(key, {"params": params, **state})
+            params = straight_through(params, noisy["params"])
+        logits, new_state = model.train_apply({"params": params, **state}, x)
+        return cross_entropy(logits, y), (logits, new_state)
+
+    @jax.jit
+    def step(params: Any, opt_state: Any, state: Variables, x: jax.Array, y: jax.Array,
+             key: jax.Array) -> tuple[Any, Any, Variables, jax.Array, jax.Array]:
+        (loss, (logits, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, state, x, y, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        acc = jnp.mean(jnp.argmax(logits, -1) == y)
+        return params, opt_state, {**state, **new_state}, loss, acc
+
+    return tx, step
+
+
+def _check_compatible(model: Model, data: Dataset) -> None:
+    if tuple(data.input_shape) != tuple(model.input_shape):
+        raise ValueError(
+            f"data images have shape {data.input_shape} but model {model.name!r} expects "
+            f"{model.input_shape}; build it with get_model(..., input_shape={data.input_shape})")
+    if data.num_classes > model.num_classes:
+        raise ValueError(
+            f"dataset {data.name!r} has {data.num_classes} classes but model {model.name!r} "
+            f"has only {model.num_classes} outputs")
+
+
+def train(key: jax.Array, model: Model, data: Dataset, config: TrainConfig = TrainConfig(),
+          perturb_fn: Optional[PerturbFn] = None, progress: bool = True
+          ) -> tuple[Variables, list[dict[str, float]]]:
+    """Trains ``model`` on ``data``.
+
+    Args:
+      key: PRNG key; split into init / shuffle / noise keys.
+      model: a zoo :class:`~swimjax.models.Model`.
+      data: a :class:`~swimjax.data.Dataset` matching ``model.input_shape``.
+      config: :class:`TrainConfig`.
+      perturb_fn: optional ``perturb_fn(key, variables) -> variables`` for
+        noise-injection training (see the module docstring).
+      progress: show a tqdm progress bar.
+
+    Returns:
+      ``(variables, history)``: the trained full variables pytree
+      (``{"params": ..., ["batch_stats": ...]}``, ready for
+      ``model.apply_fn``) and one dict per epoch with ``epoch``,
+      ``train_loss`` and ``train_acc`` (means over the epoch's batches, at the
+      perturbed weights when noise-injection is on), ``test_acc`` (clean
+      weights, inference mode) and ``seconds``.
+    """
+    from tqdm.auto import tqdm
+
+    _check_compatible(model, data)
+    n = len(data.y_train)
+    if config.batch_size > n:
+        raise ValueError(f"batch_size must be <= the {n} training examples, "
+                         f"got {config.batch_size}")
+    steps_per_epoch = n // config.batch_size
+    init_key, shuffle_key, noise_key = jax.random.split(key, 3)
+    variables = model.init(init_key, jnp.asarray(data.x_train[:1]))
+    params = variables["params"]
+    state = {k: val for k, val in variables.items() if k != "params"}
+    tx, step = _make_train_step(model, config, steps_per_epoch * config.epochs, perturb_fn)
+    opt_state = tx.init(params)
+
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=steps_per_epoch * config.epochs, disable=not progress,
+               desc=f"train {model.name}", unit="step")
+    global_step = 0
+    for epoch in range(config.epochs):
+        t0 = time.perf_counter()
+        perm = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), n))
+        losses, accs = [], []
+        for i in range(steps_per_epoch):
+            idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
+            params, opt_state, state, loss, acc = step(
+                params, opt_state, state, data.x_train[idx], data.y_train[idx],
+                jax.random.fold_in(noise_key, global_step))
+            losses.append(loss)
+            accs.append(acc)
+            global_step += 1
+            bar.update(1)
+        variables = {"params": params, **state}
+        test_acc = evaluate_accuracy(model.apply_fn, variables, data.x_test, data.y_test,
+                                     config.eval_batch_size)
+        record = {"epoch": epoch + 1,
+                  "train_loss": float(jnp.mean(jnp.stack(losses))),
+                  "train_acc": float(jnp.mean(jnp.stack(accs))),
+                  "test_acc": test_acc,
+                  "seconds": time.perf_counter() - t0}
+        history.append(record)
+        bar.set_postfix(loss=f"{record['train_loss']:.4f}", test_acc=f"{test_acc:.4f}")
+    bar.close()
+    return {"params": params, **state}, history

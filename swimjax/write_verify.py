@@ -1,0 +1,407 @@
+"""Write-verify programming: an explicit closed loop, SWIM's statistical
+shortcut, and the normalized-write-cycle (NWC) cost metric.
+
+Conductances are normalized (``0`` = ``g_min``, ``1`` = ``g_max``, see
+:mod:`swimjax.devices`); tolerances and stds are in units of that full scale.
+
+Explicit write-verify model
+---------------------------
+Every device is first written open-loop towards its target
+(:func:`swimjax.devices.program`, device-to-device variation): **1 write
+cycle**. An unverified device stops there. A verified device then enters a
+closed loop; in each iteration it is
+
+1. read once (:func:`swimjax.devices.read`, read noise), giving ``r``;
+   ``e = r - target``;
+2. if ``|e| <= tolerance`` it *passes* and is never touched again (a real
+   verify does not re-read a passed cell, so a later noisy read cannot undo a
+   pass, and the final spread is set by the read noise, as observed by
+   Nminibapiel et al., IEEE EDL 2017);
+3. else, if it has already received ``max_pulses`` corrective pulses, it
+   *fails* (kept as it is, flagged in ``failed``);
+4. else it receives one corrective pulse (:func:`swimjax.devices.pulse`,
+   cycle-to-cycle variation) aiming at ``step = -gain(e) * e``: **1 more write
+   cycle**.
+
+So a device's cycle count is ``1 + pulses`` (at most ``1 + max_pulses``), and
+the number of reads of a verified device equals its cycle count. The step rule
+selects the scheme:
+
+* ``"naive"`` — the identical-pulse closed loop (aihwkit's CMO-RRAM model,
+  MemTorch's naive loop): every pulse aims straight at the target from the read
+  value, ``gain = gain`` (1 by default: ``step = -(r - target)``).
+* ``"two_step"`` — the two-step write-verify of Shim, Seo & Yu (Semicond. Sci.
+  Technol. 2020): a *coarse* phase with large steps while the device is
+  outside a wide band (``|e| > coarse_tolerance``: ``gain = gain``), then a
+  *fine* phase with small steps inside it (``tolerance < |e| <=
+  coarse_tolerance``: ``gain = fine_gain < gain``). The fine phase pays off
+  when the pulse variation grows with the step
+  (``DeviceConfig(pulse_variation="proportional")``): small steps are
+  precise, large steps are fast.
+
+Key schedule (part of the contract, so results can be reproduced and
+audited): the open-loop write uses ``fold_in(key, 0)``; loop iteration ``i``
+(1-based) uses ``split(fold_in(key, i))`` as ``(read_key, pulse_key)``, each
+drawing noise for the whole array at once (see :func:`iteration_keys`).
+
+Statistical model
+-----------------
+SWIM's shortcut: ``g = target + sigma * eps`` with ``sigma = sigma_unverified``
+for unverified and ``sigma_verified`` for verified devices, the verified
+residual optionally truncated at ``+-truncate`` (e.g. the verify tolerance).
+
+NWC
+---
+``NWC = total write cycles of a scheme / total write cycles of full
+write-verify``; ``speedup = 1 / NWC``. Measured from the explicit loop's cycle
+counts (:func:`nwc`) or analytically from the fraction ``p`` of verified
+weights when a verified device costs ``c`` cycles and an unverified one
+``c_u`` (:func:`nwc_analytic`, :func:`nwc_fraction`):
+``NWC = (p * c + (1 - p) * c_u) / c``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from swimjax import _validation as v
+from swimjax import devices
+
+Scheme = Literal["naive", "two_step"]
+
+# Per-device loop state is packed into one int32: ``(cycles << 2) | status``.
+# One array instead of three keeps the loop body's memory traffic low.
+_ACTIVE = 0  # verified, still in the loop
+_PASSED = 1  # verified, within tolerance on its last read
+_FAILED = 2  # verified, pulse budget spent while outside tolerance
+_UNVERIFIED = 3  # written once, never verified
+_STATUS_BITS = 2
+_STATUS_MASK = (1 << _STATUS_BITS) - 1
+_MAX_PULSES_LIMIT = (1 << (31 - _STATUS_BITS)) - 2
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteVerifyConfig:
+    """Explicit write-verify scheme (see the module docstring for the model).
+
+    Attributes:
+      tolerance: acceptance band: a verified device passes when
+        ``|read - target| <= tolerance`` (normalized full-scale units, > 0).
+      max_pulses: budget of corrective pulses per device (>= 1), not counting
+        the initial open-loop write; a device costs at most ``1 + max_pulses``
+        write cycles.
+      scheme: ``"naive"`` (identical-pulse closed loop) or ``"two_step"``
+        (coarse then fine, Shim, Seo & Yu 2020).
+      gain: step gain of the naive loop and of the coarse phase,
+        ``step = -gain * (read - target)``; in ``(0, 2)`` (a noiseless loop
+        converges for any such gain; 1 aims exactly at the target).
+      coarse_tolerance: ``two_step`` only: half-width of the band, in
+        full-scale units, inside which the fine phase is used; must be
+        ``> tolerance``. ``None`` means ``4 * tolerance``.
+      fine_gain: ``two_step`` only: step gain of the fine phase, in
+        ``(0, gain]``.
+    """
+
+    tolerance: float = 0.01
+    max_pulses: int = 20
+    scheme: Scheme = "naive"
+    gain: float = 1.0
+    coarse_tolerance: float | None = None
+    fine_gain: float = 0.5
+
+    def __post_init__(self) -> None:
+        v.check_positive("tolerance", self.tolerance)
+        v.check_int("max_pulses", self.max_pulses, 1, _MAX_PULSES_LIMIT)
+        v.check_choice("scheme", self.scheme, ("naive", "two_step"))
+        v.check_range("gain", self.gain, 0.0, 2.0, low_inclusive=False, high_inclusive=False)
+        # The fine gain matters only for two_step, where it must not exceed the coarse one.
+        v.check_range("fine_gain", self.fine_gain, 0.0,
+                      self.gain if self.scheme == "two_step" else 2.0,
+                      low_inclusive=False, high_inclusive=self.scheme == "two_step")
+        if self.coarse_tolerance is not None:
+            v.check_positive("coarse_tolerance", self.coarse_tolerance)
+            if not self.coarse_tolerance > self.tolerance:
+                raise ValueError(
+                    f"coarse_tolerance must be > tolerance ({self.tolerance}), "
+                    f"got {self.coarse_tolerance!r}")
+
+    @property
+    def coarse_band(self) -> float:
+        """Half-width of the band where the fine gain applies (= ``tolerance``
+        for the naive scheme, which has no fine phase)."""
+        if self.scheme == "naive":
+            return float(self.tolerance)
+        if self.coarse_tolerance is None:
+            return 4.0 * float(self.tolerance)
+        return float(self.coarse_tolerance)
+
+    @property
+    def fine_step_gain(self) -> float:
+        """Gain used inside ``coarse_band`` (= ``gain`` for the naive scheme)."""
+        return float(self.gain if self.scheme == "naive" else self.fine_gain)
+
+
+class WriteVerifyResult(NamedTuple):
+    """Outcome of programming an array of devices.
+
+    Attributes:
+      g: programmed (true) normalized conductances, shape and dtype of target.
+      cycles: int32 write cycles per device (``1`` open-loop write plus the
+        corrective pulses), shape of target.
+      failed: bool per device: verified, pulse budget spent, still outside
+        tolerance on its last read.
+    """
+
+    g: jax.Array
+    cycles: jax.Array
+    failed: jax.Array
+
+
+def iteration_keys(key: jax.Array, iteration: int | jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The ``(read_key, pulse_key)`` used by loop iteration ``iteration`` (>= 1)."""
+    k_read, k_pulse = jax.random.split(jax.random.fold_in(key, iteration))
+    return k_read, k_pulse
+
+
+def program_key(key: jax.Array) -> jax.Array:
+    """The key of the initial open-loop write."""
+    return jax.random.fold_in(key, 0)
+
+
+def _pack(cycles: jax.Array, status: jax.Array | int) -> jax.Array:
+    return (cycles << _STATUS_BITS) | status
+
+
+def _explicit_impl(key: jax.Array, target: jax.Array, verify_mask: jax.Array,
+                   device: devices.DeviceConfig, config: WriteVerifyConfig) -> WriteVerifyResult:
+    tol = jnp.asarray(config.tolerance, target.dtype)
+    band = jnp.asarray(config.coarse_band, target.dtype)
+    coarse_gain = jnp.asarray(config.gain, target.dtype)
+    fine_gain = jnp.asarray(config.fine_step_gain, target.dtype)
+    max_pulses = config.max_pulses
+
+    g0 = devices.program(program_key(key), target, device)
+    mask = jnp.broadcast_to(verify_mask, target.shape)
+    state0 = jnp.where(mask, _pack(1, _ACTIVE), _pack(1, _UNVERIFIED)).astype(jnp.int32)
+
+    def cond(carry):
+        _, _, state = carry
+        return jnp.any((state & _STATUS_MASK) == _ACTIVE)
+
+    def body(carry):
+        it, g, state = carry
+        k_read, k_pulse = iteration_keys(key, it)
+        err = devices.read(k_read, g, device) - target
+        abs_err = jnp.abs(err)
+        status = state & _STATUS_MASK
+        cycles = state >> _STATUS_BITS
+        active = status == _ACTIVE
+        inside = abs_err <= tol
+        budget_left = cycles <= max_pulses  # pulses = cycles - 1 < max_pulses
+        do_pulse = active & ~inside & budget_left
+        new_status = jnp.where(
+            active, jnp.where(inside, _PASSED, jnp.where(budget_left, _ACTIVE, _FAILED)), status)
+        step = -jnp.where(abs_err > band, coarse_gain, fine_gain) * err
+        g_new = jnp.where(do_pulse, devices.pulse(k_pulse, g, step, device), g)
+        state_new = _pack(cycles + do_pulse.astype(jnp.int32), new_status)
+        return it + 1, g_new, state_new
+
+    _, g, state = jax.lax.while_loop(cond, body, (jnp.int32(1), g0, state0))
+    return WriteVerifyResult(
+        g=g,
+        cycles=state >> _STATUS_BITS,
+        failed=(state & _STATUS_MASK) == _FAILED,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted(device: devices.DeviceConfig, config: WriteVerifyConfig) -> Callable[..., Any]:
+    return jax.jit(functools.partial(_explicit_impl, device=device, config=config))
+
+
+def _check_target(target: Any) -> jax.Array:
+    if not hasattr(target, "dtype") or not hasattr(target, "shape"):
+        target = jnp.asarray(target, jnp.float32)
+    if not jnp.issubdtype(target.dtype, jnp.floating):
+        raise ValueError(f"target must be a floating-point array, got dtype {target.dtype}")
+    return target
+
+
+def _check_mask(verify_mask: Any, target: jax.Array) -> Any:
+    if verify_mask is None:
+        return jnp.ones((), bool)
+    if not hasattr(verify_mask, "dtype"):
+        verify_mask = np.asarray(verify_mask)
+    shape = np.shape(verify_mask)
+    try:
+        out = np.broadcast_shapes(shape, target.shape)
+    except ValueError:
+        out = None
+    if out != tuple(target.shape):
+        raise ValueError(
+            f"verify_mask must have a shape broadcastable to target's {tuple(target.shape)}, "
+            f"got {shape}")
+    if verify_mask.dtype != jnp.bool_:
+        raise ValueError(f"verify_mask must be a bool array, got dtype {verify_mask.dtype}")
+    return verify_mask
+
+
+def explicit(device: devices.DeviceConfig, config: WriteVerifyConfig
+             ) -> Callable[[jax.Array, jax.Array, jax.Array | None], WriteVerifyResult]:
+    """Returns ``fn(key, target, verify_mask=None) -> WriteVerifyResult``.
+
+    ``fn`` runs the explicit write-verify of the module docstring on every
+    device at once, in a single ``jax.lax.while_loop`` whose body is one
+    elementwise pass over the arrays (plus the ``any`` of the loop condition).
+    It is jitted (and can itself be used under ``jit``/``vmap``).
+
+    Args of ``fn``:
+      key: PRNG key.
+      target: normalized target conductances, any shape, floating dtype.
+      verify_mask: bool array broadcastable to ``target.shape`` (so a
+        weight-shaped mask broadcasts over the leading device axes of a
+        ``(2, K, *w.shape)`` target); ``True`` = write-verify this device.
+        ``None`` verifies every device.
+    """
+    if not isinstance(device, devices.DeviceConfig):
+        raise ValueError(f"device must be a DeviceConfig, got {type(device).__name__}")
+    if not isinstance(config, WriteVerifyConfig):
+        raise ValueError(f"config must be a WriteVerifyConfig, got {type(config).__name__}")
+    jitted = _jitted(device, config)
+
+    def fn(key: jax.Array, target: jax.Array,
+           verify_mask: jax.Array | None = None) -> WriteVerifyResult:
+        target = _check_target(target)
+        return jitted(key, target, _check_mask(verify_mask, target))
+
+    fn.__doc__ = explicit.__doc__
+    return fn
+
+
+def _check_sigma(name: str, sigma: Any, shape: tuple[int, ...]) -> None:
+    if isinstance(sigma, jax.core.Tracer):
+        if np.broadcast_shapes(np.shape(sigma), shape) != shape:
+            raise ValueError(f"{name} must broadcast to target's shape {shape}, "
+                             f"got {np.shape(sigma)}")
+        return
+    arr = np.asarray(sigma, dtype=float)
+    try:
+        ok_shape = np.broadcast_shapes(arr.shape, shape) == shape
+    except ValueError:
+        ok_shape = False
+    if not ok_shape:
+        raise ValueError(f"{name} must broadcast to target's shape {shape}, got {arr.shape}")
+    if not np.all(np.isfinite(arr) & (arr >= 0)):
+        raise ValueError(f"{name} must be finite and >= 0, got {sigma!r}")
+
+
+def statistical(key: jax.Array, target: jax.Array, verify_mask: jax.Array | None,
+                sigma_unverified: float | jax.Array, sigma_verified: float | jax.Array,
+                truncate: float | None = None) -> jax.Array:
+    """SWIM's statistical write-verify: programmed conductances in one draw.
+
+    ``g = target + sigma * eps``: ``sigma = sigma_unverified`` (open-loop
+    write) where ``verify_mask`` is False and ``sigma_verified`` where it is
+    True; for verified devices ``eps`` is a standard normal truncated to
+    ``|sigma_verified * eps| < truncate`` when ``truncate`` is given (the
+    verify tolerance), so the residual never exceeds it. No clipping to
+    ``[0, 1]``: this is the error model, not the device.
+
+    Args:
+      key: PRNG key.
+      target: normalized targets, any shape.
+      verify_mask: bool, broadcastable to ``target`` (``None``: all verified).
+      sigma_unverified, sigma_verified: stds in full-scale units (>= 0),
+        scalars or arrays broadcastable to ``target``.
+      truncate: optional bound (> 0, full-scale units) on the verified residual.
+
+    Returns:
+      Array of ``target``'s shape and dtype.
+    """
+    target = _check_target(target)
+    mask = _check_mask(verify_mask, target)
+    shape = tuple(target.shape)
+    _check_sigma("sigma_unverified", sigma_unverified, shape)
+    _check_sigma("sigma_verified", sigma_verified, shape)
+    if truncate is not None:
+        v.check_positive("truncate", truncate)
+    return _statistical_impl(key, target, mask, sigma_unverified, sigma_verified, truncate)
+
+
+@functools.partial(jax.jit, static_argnames=("truncate",))
+def _statistical_impl(key, target, mask, sigma_unverified, sigma_verified, truncate):
+    dtype = target.dtype
+    s_u = jnp.asarray(sigma_unverified, dtype)
+    s_v = jnp.asarray(sigma_verified, dtype)
+    if truncate is None:
+        eps = jax.random.normal(key, target.shape, dtype)
+        return target + jnp.where(mask, s_v, s_u) * eps
+    k_u, k_v = jax.random.split(key)
+    bound = jnp.asarray(truncate, dtype)
+    # eps_v in (-truncate/s_v, truncate/s_v); s_v == 0 gives a zero residual.
+    z = jnp.where(s_v > 0, bound / jnp.where(s_v > 0, s_v, 1), 1)
+    eps_v = jax.random.truncated_normal(k_v, -z, z, target.shape, dtype)
+    res_v = jnp.clip(s_v * eps_v, -bound, bound)
+    res_u = s_u * jax.random.normal(k_u, target.shape, dtype)
+    return target + jnp.where(mask, res_v, res_u)
+
+
+def _total(tree: Any) -> float:
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        raise ValueError("cycle counts must contain at least one array")
+    return float(sum(np.sum(np.asarray(x, dtype=np.float64)) for x in leaves))
+
+
+def nwc(cycles_scheme: Any, cycles_full: Any) -> float:
+    """Normalized write cycles: ``total(cycles_scheme) / total(cycles_full)``.
+
+    Both arguments are arrays or pytrees of arrays of per-device (or
+    per-weight) cycle counts, or scalar totals; sums are taken in float64.
+    """
+    num = _total(cycles_scheme)
+    den = _total(cycles_full)
+    if not den > 0:
+        raise ValueError(f"cycles_full must have a positive total, got {den}")
+    if num < 0:
+        raise ValueError(f"cycles_scheme must have a non-negative total, got {num}")
+    return num / den
+
+
+def speedup(cycles_scheme: Any, cycles_full: Any) -> float:
+    """Programming speed-up over full write-verify: ``1 / nwc``."""
+    return 1.0 / nwc(cycles_scheme, cycles_full)
+
+
+def nwc_analytic(fraction_verified: float, cycles_verified: float,
+                 cycles_unverified: float = 1.0) -> float:
+    """NWC of verifying a fraction ``p`` of the devices:
+    ``(p * c + (1 - p) * c_u) / c`` with ``c = cycles_verified`` the cycles
+    of a verified device (also what every device costs under full
+    write-verify) and ``c_u = cycles_unverified`` (1 open-loop write)."""
+    p = v.check_range("fraction_verified", fraction_verified, 0.0, 1.0)
+    c = v.check_range("cycles_verified", cycles_verified, 1.0, None)
+    c_u = v.check_range("cycles_unverified", cycles_unverified, 0.0, None)
+    return (p * c + (1.0 - p) * c_u) / c
+
+
+def fraction_verified(mask: Any) -> float:
+    """Fraction of ``True`` entries over all leaves of a mask pytree."""
+    leaves = jax.tree_util.tree_leaves(mask)
+    n = sum(int(np.size(x)) for x in leaves)
+    if n == 0:
+        raise ValueError("mask must contain at least one entry")
+    return sum(int(np.count_nonzero(np.asarray(x))) for x in leaves) / n
+
+
+def nwc_fraction(mask: Any, cycles_verified: float, cycles_unverified: float = 1.0) -> float:
+    """Analytic NWC of a mask pytree: :func:`nwc_analytic` at
+    ``p = fraction_verified(mask)`` (every weight counted once; restrict the
+    mask to the mapped leaves before calling if some leaves stay digital)."""
+    return nwc_analytic(fraction_verified(mask), cycles_verified, cycles_unverified)
