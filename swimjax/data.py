@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -78,13 +79,15 @@ class Dataset:
     name: str
 
     def __post_init__(self) -> None:
-        v.check_int("num_classes", self.num_classes, 2, None)
-        x_tr, y_tr = _check_split("train", self.x_train, self.y_train, self.num_classes)
-        x_te, y_te = _check_split("test", self.x_test, self.y_test, self.num_classes)
+        x_tr, y_tr = _check_split("train", self.x_train, self.y_train)
+        x_te, y_te = _check_split("test", self.x_test, self.y_test)
         if x_tr.shape[1:] != x_te.shape[1:]:
             raise ValueError(
                 f"x_train and x_test must have the same image shape (H, W, C), got "
                 f"{x_tr.shape[1:]} and {x_te.shape[1:]}")
+        v.check_int("num_classes", self.num_classes, 2, None)
+        _check_labels("train", y_tr, self.num_classes)
+        _check_labels("test", y_te, self.num_classes)
         for field, arr in (("x_train", x_tr), ("y_train", y_tr), ("x_test", x_te),
                            ("y_test", y_te)):
             arr.flags.writeable = False
@@ -100,8 +103,9 @@ class Dataset:
                 f"test={self.x_test.shape}, num_classes={self.num_classes})")
 
 
-def _check_split(split: str, x: Any, y: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validates one split; returns float32 NHWC images and int32 labels (copies)."""
+def _check_split(split: str, x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Validates one split's shapes and dtypes; returns float32 NHWC images and
+    int32 labels (copies)."""
     x = np.asarray(x)
     y = np.asarray(y)
     if x.ndim != 4:
@@ -116,14 +120,19 @@ def _check_split(split: str, x: Any, y: Any, num_classes: int) -> tuple[np.ndarr
             f"got {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"y_{split} must hold integer class labels, got dtype {y.dtype}")
-    if y.min() < 0 or y.max() >= num_classes:
-        raise ValueError(
-            f"y_{split} labels must be in [0, {num_classes - 1}] (num_classes={num_classes}), "
-            f"got range [{y.min()}, {y.max()}]")
+    if np.abs(y).max() >= 2**31:
+        raise ValueError(f"y_{split} labels must fit in int32, got range [{y.min()}, {y.max()}]")
     x = x.astype(np.float32)
     if not np.all(np.isfinite(x)):
         raise ValueError(f"x_{split} must be finite, found NaN/Inf")
     return x, y.astype(np.int32)
+
+
+def _check_labels(split: str, y: np.ndarray, num_classes: int) -> None:
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(
+            f"y_{split} labels must be in [0, {num_classes - 1}] (num_classes={num_classes}), "
+            f"got range [{y.min()}, {y.max()}]")
 
 
 def _to_unit(images: np.ndarray) -> np.ndarray:
@@ -275,6 +284,9 @@ def _load_npz(path: str, n_train: int | None, n_test: int | None) -> Dataset:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dataset file {path!r} not found (expected a .npz with "
                                 f"x_train, y_train, x_test, y_test)")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path!r} is not a readable .npz file (expected a zip archive of "
+                         f".npy arrays as written by numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: np.asarray(f[k]) for k in f.files}

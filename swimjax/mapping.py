@@ -42,7 +42,6 @@ hashable dataclasses).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, Literal, NamedTuple
 
@@ -51,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from swimjax import _validation as v
+from swimjax import devices
 
 Scale = Literal["per_tensor", "per_channel"]
 Sign = Literal["differential", "sign_bit"]
@@ -58,7 +58,7 @@ Sign = Literal["differential", "sign_bit"]
 #: Largest supported ``weight_bits``: integer levels must stay exact in float32.
 MAX_WEIGHT_BITS = 24
 #: Largest supported ``device_bits`` (a table of the ``2^m`` conductances is built).
-MAX_DEVICE_BITS = 16
+MAX_DEVICE_BITS = devices.MAX_LEVEL_BITS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,20 +194,6 @@ def quantize(w: jax.Array, cfg: MappingConfig) -> jax.Array:
     return _dequantize(q_signed, s, cfg)
 
 
-@functools.lru_cache(maxsize=64)
-def _level_table(device_bits: int, dtype_name: str) -> np.ndarray:
-    """``l / (2^m - 1)`` for ``l = 0..2^m - 1``, correctly rounded by NumPy.
-
-    The conductances are looked up rather than divided under XLA, whose float
-    division is not always correctly rounded (on CPU ``3 / 7 * 7 != 3`` in
-    float32); with correctly rounded ``g``, ``g * (2^m - 1)`` gives back the
-    integer level exactly, which the exact round trip relies on.
-    """
-    dt = np.dtype(dtype_name)
-    n = 2 ** device_bits
-    return (np.arange(n, dtype=dt) / dt.type(n - 1)).astype(dt)
-
-
 def _slice_levels(q: jax.Array, cfg: MappingConfig) -> jax.Array:
     """Integer device levels ``l_i`` (int32, shape ``(K, *q.shape)``), MSB first."""
     m, k = cfg.device_bits, cfg.n_slices
@@ -230,7 +216,11 @@ def to_conductances(w: jax.Array, cfg: MappingConfig) -> MappedTensor:
     w = jnp.asarray(w)
     q, s = quantize_levels(w, cfg)
     cd = _compute_dtype(w.dtype)
-    table = jnp.asarray(_level_table(cfg.device_bits, np.dtype(cd).name))
+    # Looked up, not divided: XLA's float division is not always correctly
+    # rounded (on CPU 3 / 7 * 7 != 3 in float32); with correctly rounded g,
+    # g * (2^m - 1) gives the integer level back exactly, which the exact round
+    # trip relies on.
+    table = jnp.asarray(devices.level_table(cfg.device_bits, np.dtype(cd).name))
     g = table[_slice_levels(q, cfg)]
     if cfg.sign == "differential":
         zero = jnp.zeros_like(g)
@@ -303,7 +293,9 @@ def mapped_leaves(params: Any, leaf_filter: LeafFilter | None = None) -> Any:
     return jax.tree_util.tree_map_with_path(lambda p, x: bool(f(p, x)), params)
 
 
-def _check_selected(selected: Any, params: Any) -> None:
+def check_selected(selected: Any, params: Any) -> None:
+    """Raises ``ValueError`` unless ``selected`` is a pytree of Python bools with
+    the structure of ``params``."""
     v.check_same_structure("selected", selected, params, check_shapes=False)
     for path, s in jax.tree_util.tree_leaves_with_path(selected):
         if not isinstance(s, (bool, np.bool_)):
@@ -319,7 +311,7 @@ def describe_selection(params: Any, selected: Any | None = None) -> str:
     """
     if selected is None:
         selected = mapped_leaves(params)
-    _check_selected(selected, params)
+    check_selected(selected, params)
     rows = []
     n_map = n_dig = l_map = l_dig = 0
     for (path, leaf), sel in zip(jax.tree_util.tree_leaves_with_path(params),
@@ -357,7 +349,7 @@ def map_params(params: Any, cfg: MappingConfig, selected: Any | None = None) -> 
     """
     if selected is None:
         selected = mapped_leaves(params)
-    _check_selected(selected, params)
+    check_selected(selected, params)
     return jax.tree.map(lambda w, s: to_conductances(w, cfg) if s else w, params, selected)
 
 
@@ -372,7 +364,7 @@ def quantize_params(params: Any, cfg: MappingConfig, selected: Any | None = None
     """:func:`quantize` on the selected leaves; others pass through."""
     if selected is None:
         selected = mapped_leaves(params)
-    _check_selected(selected, params)
+    check_selected(selected, params)
     return jax.tree.map(lambda w, s: quantize(w, cfg) if s else w, params, selected)
 
 
@@ -380,7 +372,7 @@ def n_devices(params: Any, cfg: MappingConfig, selected: Any | None = None) -> i
     """Total devices the selected leaves occupy (``devices_per_weight`` each)."""
     if selected is None:
         selected = mapped_leaves(params)
-    _check_selected(selected, params)
+    check_selected(selected, params)
     sizes = [int(np.size(w)) for w, s in zip(jax.tree_util.tree_leaves(params),
                                              jax.tree_util.tree_leaves(selected)) if s]
     return int(math.fsum(sizes)) * cfg.devices_per_weight

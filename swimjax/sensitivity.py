@@ -92,14 +92,15 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
     return -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
-def make_batches(x: Array, y: Array, batch_size: int) -> Batches:
+def make_batches(x: Any, y: Any, batch_size: int) -> Batches:
     """Stacks ``(N, ...)`` data into ``(n_batches, batch_size, ...)`` batches.
 
     The last batch is padded (zeros) and the padding gets weight 0, so every
-    estimator sees exactly the N examples. Returns ``(x, y, w)``.
+    estimator sees exactly the N examples. Runs on the host (NumPy). Returns
+    ``(x, y, w)`` with ``w`` float32 of shape ``(n_batches, batch_size)``.
     """
     batch_size = v.check_int("batch_size", batch_size, 1, None)
-    x, y = jnp.asarray(x), jnp.asarray(y)
+    x, y = np.asarray(x), np.asarray(y)
     if x.ndim < 1 or y.ndim < 1 or x.shape[0] != y.shape[0]:
         raise ValueError(
             f"x and y must have the same number of examples (leading axis), got "
@@ -110,11 +111,11 @@ def make_batches(x: Array, y: Array, batch_size: int) -> Batches:
     n_b = -(-n // batch_size)
     pad = n_b * batch_size - n
 
-    def stack(a: Array) -> Array:
-        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+    def stack(a: np.ndarray) -> np.ndarray:
+        a = np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
         return a.reshape((n_b, batch_size) + a.shape[1:])
 
-    w = jnp.concatenate([jnp.ones((n,), jnp.float32), jnp.zeros((pad,), jnp.float32)])
+    w = np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])
     return stack(x), stack(y), w.reshape(n_b, batch_size)
 
 
@@ -361,6 +362,18 @@ def swim(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
                       first_order=bool(first_order))
 
 
+@functools.partial(jax.jit, static_argnames=("flags",))
+def _to_weight_units_impl(scores, params, *, flags):
+    leaves, treedef = jax.tree_util.tree_flatten(scores)
+    out = []
+    for h, p, f in zip(leaves, jax.tree_util.tree_leaves(params), flags):
+        if f:
+            s2 = jnp.square(_scale_of(p))
+            h = jnp.where(s2 > 0, h / jnp.where(s2 > 0, s2, 1.0), 0.0)
+        out.append(h)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def to_weight_units(scores: PyTree, params: PyTree, selected: PyTree | None = None) -> PyTree:
     """Converts normalized ``swim`` scores (w.r.t. ``w / max|W|``) to weight units.
 
@@ -368,14 +381,7 @@ def to_weight_units(scores: PyTree, params: PyTree, selected: PyTree | None = No
     """
     v.check_same_structure("scores", scores, params)
     flags = _resolve_selected(params, selected)
-    leaves, treedef = jax.tree_util.tree_flatten(scores)
-    out = []
-    for h, p, f in zip(leaves, jax.tree_util.tree_leaves(params), flags):
-        if f:
-            s2 = jnp.square(_scale_of(jnp.asarray(p)))
-            h = jnp.where(s2 > 0, h / jnp.where(s2 > 0, s2, 1.0), 0.0)
-        out.append(h)
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return _to_weight_units_impl(scores, params, flags=flags)
 
 
 # --------------------------------------------------------------------------
@@ -383,11 +389,24 @@ def to_weight_units(scores: PyTree, params: PyTree, selected: PyTree | None = No
 # --------------------------------------------------------------------------
 
 
-def _rademacher_like(key: Array, params: PyTree, k: int) -> PyTree:
+def _split_like(flat: Array, params: PyTree, lead: tuple[int, ...]) -> PyTree:
+    """Cuts ``flat`` of shape ``lead + (n_params,)`` into leaves shaped like ``params``."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    z = [jax.random.rademacher(kk, (k,) + leaf.shape, leaf.dtype) for kk, leaf in zip(keys, leaves)]
-    return jax.tree_util.tree_unflatten(treedef, z)
+    out, start = [], 0
+    for leaf in leaves:
+        n = math.prod(leaf.shape)
+        out.append(flat[..., start:start + n].reshape(lead + leaf.shape).astype(leaf.dtype))
+        start += n
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _rademacher_like(key: Array, params: PyTree, k: int) -> PyTree:
+    """k Rademacher (+1/-1) probes per leaf, from ONE draw of random bits (a
+    single threefry call keeps XLA compile time low)."""
+    n = sum(math.prod(a.shape) for a in jax.tree_util.tree_leaves(params))
+    bits = jax.random.bits(key, (k, n), jnp.uint32)
+    signs = jnp.where((bits >> 31) == 1, 1.0, -1.0)
+    return _split_like(signs, params, (k,))
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -686,15 +705,13 @@ def magnitude(key: Array | None = None, apply_fn: ApplyFn | None = None, params:
 
 @jax.jit
 def _random_impl(key, params):
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef, [jax.random.uniform(k, a.shape, a.dtype) for k, a in zip(keys, leaves)])
+    n = sum(math.prod(a.shape) for a in jax.tree_util.tree_leaves(params))
+    return _split_like(jax.random.uniform(key, (n,), jnp.float32), params, ())
 
 
 def random(key: Array, apply_fn: ApplyFn | None = None, params: PyTree = None,
            batches: Any = None, loss: LossFn | None = None) -> PyTree:
-    """Uniform ``[0, 1)`` scores, one independent key per leaf (data unused)."""
+    """Uniform ``[0, 1)`` scores, i.i.d. over all weights (data unused)."""
     del apply_fn, batches, loss
     if key is None:
         raise ValueError("random: key must be a PRNG key")

@@ -237,7 +237,9 @@ def train(key: jax.Array, model: Model, data: Dataset, config: TrainConfig = Tra
     variables = model.init(init_key, jnp.asarray(data.x_train[:1]))
     params = variables["params"]
     state = {k: val for k, val in variables.items() if k != "params"}
-    tx, step = _make_train_step(model, config, steps_per_epoch * config.epochs, perturb_fn)
+    # the schedule's length matters only for cosine: keep the compile cache shared otherwise
+    total_steps = steps_per_epoch * config.epochs if config.schedule == "cosine" else 1
+    tx, step = _make_train_step(model, config, total_steps, perturb_fn)
     opt_state = tx.init(params)
 
     history: list[dict[str, float]] = []

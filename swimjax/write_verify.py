@@ -180,6 +180,10 @@ def _pack(cycles: jax.Array, status: jax.Array | int) -> jax.Array:
 
 def _explicit_impl(key: jax.Array, target: jax.Array, verify_mask: jax.Array,
                    device: devices.DeviceConfig, config: WriteVerifyConfig) -> WriteVerifyResult:
+    # Work on flat arrays: the same random numbers (threefry counters are the
+    # row-major index), and XLA:CPU compiles rank >= 4 random draws very slowly.
+    shape = target.shape
+    target = target.reshape(-1)
     tol = jnp.asarray(config.tolerance, target.dtype)
     band = jnp.asarray(config.coarse_band, target.dtype)
     coarse_gain = jnp.asarray(config.gain, target.dtype)
@@ -187,7 +191,7 @@ def _explicit_impl(key: jax.Array, target: jax.Array, verify_mask: jax.Array,
     max_pulses = config.max_pulses
 
     g0 = devices.program(program_key(key), target, device)
-    mask = jnp.broadcast_to(verify_mask, target.shape)
+    mask = jnp.broadcast_to(verify_mask, shape).reshape(-1)
     state0 = jnp.where(mask, _pack(1, _ACTIVE), _pack(1, _UNVERIFIED)).astype(jnp.int32)
 
     def cond(carry):
@@ -212,11 +216,17 @@ def _explicit_impl(key: jax.Array, target: jax.Array, verify_mask: jax.Array,
         state_new = _pack(cycles + do_pulse.astype(jnp.int32), new_status)
         return it + 1, g_new, state_new
 
-    _, g, state = jax.lax.while_loop(cond, body, (jnp.int32(1), g0, state0))
+    import os
+    unroll = int(os.environ.get("WV_UNROLL", "1"))
+    def body_n(carry):
+        for _ in range(unroll):
+            carry = body(carry)
+        return carry
+    _, g, state = jax.lax.while_loop(cond, body_n, (jnp.int32(1), g0, state0))
     return WriteVerifyResult(
-        g=g,
-        cycles=state >> _STATUS_BITS,
-        failed=(state & _STATUS_MASK) == _FAILED,
+        g=g.reshape(shape),
+        cycles=(state >> _STATUS_BITS).reshape(shape),
+        failed=((state & _STATUS_MASK) == _FAILED).reshape(shape),
     )
 
 
@@ -336,19 +346,21 @@ def statistical(key: jax.Array, target: jax.Array, verify_mask: jax.Array | None
 
 @functools.partial(jax.jit, static_argnames=("truncate",))
 def _statistical_impl(key, target, mask, sigma_unverified, sigma_verified, truncate):
-    dtype = target.dtype
+    # Draws are flat (same numbers, much faster XLA:CPU compiles), then reshaped.
+    dtype, shape, n = target.dtype, target.shape, target.size
     s_u = jnp.asarray(sigma_unverified, dtype)
     s_v = jnp.asarray(sigma_verified, dtype)
     if truncate is None:
-        eps = jax.random.normal(key, target.shape, dtype)
+        eps = jax.random.normal(key, (n,), dtype).reshape(shape)
         return target + jnp.where(mask, s_v, s_u) * eps
     k_u, k_v = jax.random.split(key)
     bound = jnp.asarray(truncate, dtype)
     # eps_v in (-truncate/s_v, truncate/s_v); s_v == 0 gives a zero residual.
     z = jnp.where(s_v > 0, bound / jnp.where(s_v > 0, s_v, 1), 1)
-    eps_v = jax.random.truncated_normal(k_v, -z, z, target.shape, dtype)
+    z = jnp.broadcast_to(z, shape).reshape(-1)
+    eps_v = jax.random.truncated_normal(k_v, -z, z, (n,), dtype).reshape(shape)
     res_v = jnp.clip(s_v * eps_v, -bound, bound)
-    res_u = s_u * jax.random.normal(k_u, target.shape, dtype)
+    res_u = s_u * jax.random.normal(k_u, (n,), dtype).reshape(shape)
     return target + jnp.where(mask, res_v, res_u)
 
 

@@ -18,19 +18,16 @@ MAP_SB = mapping.MappingConfig(weight_bits=8, device_bits=2, sign="sign_bit")
 
 
 def _params(seed: int = 0):
-    k = jax.random.split(jax.random.key(seed), 4)
-    return {
-        "conv": {"kernel": jax.random.normal(k[0], (3, 3, 4, 8)),
-                 "bias": jax.random.normal(k[1], (8,))},
-        "dense": {"kernel": jax.random.normal(k[2], (64, 10)),
-                  "bias": jax.random.normal(k[3], (10,))},
-    }
+    # NumPy draws: XLA:CPU compiles rank-4 jax.random draws very slowly.
+    rng = np.random.default_rng(seed)
+    f = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    return {"conv": {"kernel": f(3, 3, 4, 8), "bias": f(8)},
+            "dense": {"kernel": f(64, 10), "bias": f(10)}}
 
 
 def _mask(params, p: float, seed: int = 1):
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return treedef.unflatten([jax.random.uniform(kk, x.shape) < p for kk, x in zip(keys, leaves)])
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape) < p), params)
 
 
 def _leaves(tree):
@@ -114,7 +111,8 @@ def test_measured_nwc_matches_fraction_model():
     # Verified weights cost as much as under full write-verify (same
     # distribution); unverified cost one write per device. So
     # NWC ~ (p c + (1 - p) D) / c, c = mean cycles per weight under full WV.
-    params = {"k": jax.random.normal(jax.random.key(9), (100, 100))}
+    params = {"k": jnp.asarray(np.random.default_rng(9).standard_normal((100, 100)),
+                            jnp.float32)}
     dev = devices.DeviceConfig(sigma_program=0.1, sigma_pulse=0.02, sigma_read=0.005)
     cfg = wv.WriteVerifyConfig(tolerance=0.01, max_pulses=20)
     full = programming.cycles_full_write_verify(KEY, params, MAP, dev, cfg)
@@ -165,7 +163,8 @@ def test_deterministic():
 def test_statistical_weight_error_matches_closed_form(cfg, pair):
     # Device errors sigma on every slice give a weight error of std
     # s * sigma * sqrt(sum_i w_i^2) / (2^N - 1), times sqrt(2) for a pair.
-    params = {"k": jax.random.normal(jax.random.key(14), (400, 500))}
+    params = {"k": jnp.asarray(np.random.default_rng(14).standard_normal((400, 500)),
+                            jnp.float32)}
     sigma_u, sigma_v = 0.1, 0.03
     mask = {"k": jnp.arange(500)[None, :] % 2 == jnp.zeros((400, 1), int)}
     out = programming.program_params_statistical(KEY, params, mask, cfg, sigma_u, sigma_v)

@@ -23,12 +23,15 @@ C = 5  # classes
 # ---------------------------------------------------------------- models
 
 
-def mlp_init(key, d=6, h=8, c=C):
-    k1, k2, k3, k4 = jax.random.split(key, 4)
-    return {"w1": jax.random.normal(k1, (d, h)) / np.sqrt(d),
-            "b1": 0.1 * jax.random.normal(k2, (h,)),
-            "w2": jax.random.normal(k3, (h, c)) / np.sqrt(h),
-            "b2": 0.1 * jax.random.normal(k4, (c,))}
+def rng(seed):
+    return np.random.default_rng(seed)
+
+
+def mlp_init(seed, d=6, h=8, c=C):
+    r = rng(seed)
+    f = lambda *shape: jnp.asarray(r.standard_normal(shape), jnp.float32)  # noqa: E731
+    return {"w1": f(d, h) / np.sqrt(d), "b1": 0.1 * f(h), "w2": f(h, c) / np.sqrt(h),
+            "b2": 0.1 * f(c)}
 
 
 def mlp_apply(p, x):
@@ -55,27 +58,25 @@ class ConvPoolLinear(nn.Module):
         return nn.Dense(self.classes)(x.reshape(x.shape[0], -1))
 
 
-def conv_model(key, pool="max", hw=6, cin=2):
+def conv_model(seed, pool="max", hw=6, cin=2):
     model = ConvPoolLinear(pool=pool)
-    x0 = jnp.zeros((1, hw, hw, cin))
-    variables = model.init(key, x0)
-    k1, k2, k3, k4 = jax.random.split(jax.random.fold_in(key, 1), 4)
-    bs = variables["batch_stats"]["BatchNorm_0"]
-    pr = variables["params"]
+    r = rng(seed)
+    f = lambda *shape: jnp.asarray(r.standard_normal(shape), jnp.float32)  # noqa: E731
     variables = {
-        "params": {**pr, "BatchNorm_0": {
-            "scale": 1.0 + 0.3 * jax.random.normal(k1, pr["BatchNorm_0"]["scale"].shape),
-            "bias": 0.1 * jax.random.normal(k2, pr["BatchNorm_0"]["bias"].shape)},
-            "Conv_0": {**pr["Conv_0"], "bias": 0.1 * jax.random.normal(k4, (3,))}},
-        "batch_stats": {"BatchNorm_0": {
-            "mean": 0.1 * jax.random.normal(k3, bs["mean"].shape),
-            "var": 0.5 + jax.random.uniform(k4, bs["var"].shape)}}}
+        "params": {"Conv_0": {"kernel": f(3, 3, cin, 3) / 3.0, "bias": 0.1 * f(3)},
+                   "BatchNorm_0": {"scale": 1.0 + 0.3 * f(3), "bias": 0.1 * f(3)},
+                   "Dense_0": {"kernel": f((hw // 2) ** 2 * 3, C) / 4.0, "bias": 0.1 * f(C)}},
+        "batch_stats": {"BatchNorm_0": {"mean": 0.1 * f(3),
+                                        "var": jnp.asarray(0.5 + r.uniform(size=3), jnp.float32)}}}
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, hw, hw, cin)))
+    assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(variables)
     return model.apply, variables
 
 
-def data(key, n, shape, c=C):
-    kx, ky = jax.random.split(key)
-    return jax.random.normal(kx, (n,) + shape), jax.random.randint(ky, (n,), 0, c)
+def data(seed, n, shape, c=C):
+    r = rng(seed)
+    return (jnp.asarray(r.standard_normal((n,) + shape), jnp.float32),
+            jnp.asarray(r.integers(0, c, n), jnp.int32))
 
 
 def flat(tree):
@@ -92,8 +93,8 @@ def softmax64(z):
 
 
 def test_swim_matches_numpy_obd_two_layer_network():
-    p = mlp_init(jax.random.key(0))
-    x, y = data(jax.random.key(1), 40, (6,))
+    p = mlp_init(0)
+    x, y = data(1, 40, (6,))
     got = sens.swim(None, mlp_apply, p, sens.make_batches(x, y, 16), normalize=False)
 
     P = {k: np.asarray(a, np.float64) for k, a in p.items()}
@@ -131,8 +132,8 @@ def _np_conv_same(x, k):
 
 @pytest.mark.parametrize("pool", ["max", "avg"])
 def test_swim_matches_numpy_obd_conv_pool_linear(pool):
-    apply_fn, variables = conv_model(jax.random.key(2), pool=pool)
-    x, y = data(jax.random.key(3), 12, (6, 6, 2))
+    apply_fn, variables = conv_model(2, pool=pool)
+    x, y = data(3, 12, (6, 6, 2))
     got = sens.swim(None, apply_fn, variables, (x[None], y[None]), normalize=False)["params"]
 
     V = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables)
@@ -176,9 +177,10 @@ def test_swim_matches_numpy_obd_conv_pool_linear(pool):
 
 
 def test_swim_equals_ggn_for_linear_softmax():
-    k1, k2 = jax.random.split(jax.random.key(4))
-    p = {"w": jax.random.normal(k1, (7, C)), "b": 0.1 * jax.random.normal(k2, (C,))}
-    x, y = data(jax.random.key(5), 30, (7,))
+    r = rng(4)
+    p = {"w": jnp.asarray(r.standard_normal((7, C)), jnp.float32),
+         "b": jnp.asarray(0.1 * r.standard_normal(C), jnp.float32)}
+    x, y = data(5, 30, (7,))
     batches = sens.make_batches(x, y, 8)
     s = sens.swim(None, linear_apply, p, batches, normalize=False)
     g = sens.ggn(None, linear_apply, p, batches)
@@ -187,8 +189,8 @@ def test_swim_equals_ggn_for_linear_softmax():
 
 def test_swim_last_layer_equals_ggn_and_batching_invariant():
     # Nothing is dropped for the last linear layer: OBD == exact GGN there.
-    apply_fn, variables = conv_model(jax.random.key(6))
-    x, y = data(jax.random.key(7), 20, (6, 6, 2))
+    apply_fn, variables = conv_model(6)
+    x, y = data(7, 20, (6, 6, 2))
     s8 = sens.swim(None, apply_fn, variables, sens.make_batches(x, y, 8), normalize=False)
     s20 = sens.swim(None, apply_fn, variables, (x[None], y[None]), normalize=False)
     pairs = [(x[i:i + 5], y[i:i + 5]) for i in range(0, 20, 5)]
@@ -202,8 +204,8 @@ def test_swim_last_layer_equals_ggn_and_batching_invariant():
 
 
 def test_swim_custom_loss_matches_default_and_first_order_term():
-    p = mlp_init(jax.random.key(8))
-    x, y = data(jax.random.key(9), 24, (6,))
+    p = mlp_init(8)
+    x, y = data(9, 24, (6,))
     b = sens.make_batches(x, y, 12)
 
     def my_ce(logits, labels):  # same loss, written differently: autodiff path
@@ -227,30 +229,33 @@ def test_swim_custom_loss_matches_default_and_first_order_term():
 
 
 def _ggn_from_full_jacobian(apply_fn, params, x, y):
+    return np.asarray(jax.jit(_ggn_full, static_argnums=0)(apply_fn, params, x, y))
+
+
+def _ggn_full(apply_fn, params, x, y):
     f0, unravel = jax.flatten_util.ravel_pytree(params)
     jac = jax.jacrev(lambda f: apply_fn(unravel(f), x))(f0)        # (B, C, P)
     prob = jax.nn.softmax(apply_fn(params, x))
     h = jax.vmap(jnp.diag)(prob) - prob[:, :, None] * prob[:, None, :]
-    ggn = jnp.einsum("bcp,bcd,bdp->p", jac, h, jac) / x.shape[0]
-    return np.asarray(ggn)
+    return jnp.einsum("bcp,bcd,bdp->p", jac, h, jac) / x.shape[0]
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_ggn_equals_full_jacobian_gauss_newton(model):
     if model == "mlp":
-        apply_fn, params = mlp_apply, mlp_init(jax.random.key(10))
-        x, y = data(jax.random.key(11), 24, (6,))
+        apply_fn, params = mlp_apply, mlp_init(10)
+        x, y = data(11, 24, (6,))
     else:
-        apply_fn, params = conv_model(jax.random.key(12))
-        x, y = data(jax.random.key(13), 10, (6, 6, 2))
+        apply_fn, params = conv_model(12)
+        x, y = data(13, 10, (6, 6, 2))
     got = sens.ggn(None, apply_fn, params, sens.make_batches(x, y, 7), chunk_size=3)
     want = _ggn_from_full_jacobian(apply_fn, params, x, y)
     np.testing.assert_allclose(flat(got), want, rtol=2e-4, atol=1e-6 * np.abs(want).max())
 
 
 def test_ggn_custom_loss_uses_psd_square_root():
-    p = mlp_init(jax.random.key(14))
-    x, y = data(jax.random.key(15), 16, (6,))
+    p = mlp_init(14)
+    x, y = data(15, 16, (6,))
     b = sens.make_batches(x, y, 8)
     my_ce = lambda z, t: -jnp.sum(jax.nn.log_softmax(z) * jax.nn.one_hot(t, C), -1)  # noqa: E731
     np.testing.assert_allclose(flat(sens.ggn(None, mlp_apply, p, b, my_ce)),
@@ -258,12 +263,12 @@ def test_ggn_custom_loss_uses_psd_square_root():
 
 
 def test_hessian_diag_equals_jax_hessian():
-    p = mlp_init(jax.random.key(16), d=4, h=5, c=3)
-    x, y = data(jax.random.key(17), 20, (4,), c=3)
+    p = mlp_init(16, d=4, h=5, c=3)
+    x, y = data(17, 20, (4,), c=3)
     got = sens.hessian_diag(None, mlp_apply, p, sens.make_batches(x, y, 6), chunk_size=16)
     f0, unravel = jax.flatten_util.ravel_pytree(p)
     loss = lambda f: jnp.mean(sens.softmax_cross_entropy(mlp_apply(unravel(f), x), y))  # noqa
-    want = np.diag(np.asarray(jax.hessian(loss)(f0)))
+    want = np.diag(np.asarray(jax.jit(jax.hessian(loss))(f0)))
     np.testing.assert_allclose(flat(got), want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
 
 
@@ -271,12 +276,12 @@ def test_hessian_diag_equals_jax_hessian():
 
 
 def test_hutchinson_error_falls_like_inverse_sqrt_k_and_ranks_like_hessian():
-    p = mlp_init(jax.random.key(18), d=5, h=6, c=4)
-    x, y = data(jax.random.key(19), 32, (5,), c=4)
+    p = mlp_init(18, d=5, h=6, c=4)
+    x, y = data(19, 32, (5,), c=4)
     batches = (x[None], y[None])
     f0, unravel = jax.flatten_util.ravel_pytree(p)
     loss = lambda f: jnp.mean(sens.softmax_cross_entropy(mlp_apply(unravel(f), x), y))  # noqa
-    hess = np.asarray(jax.hessian(loss)(f0), np.float64)
+    hess = np.asarray(jax.jit(jax.hessian(loss))(f0), np.float64)
     diag = np.diag(hess)
     off2 = (hess ** 2).sum() - (diag ** 2).sum()    # E||est - diag||^2 = off2 / k
     n_rep = 8
@@ -302,17 +307,17 @@ def test_hutchinson_error_falls_like_inverse_sqrt_k_and_ranks_like_hessian():
 
 
 def test_monte_carlo_fisher_is_unbiased_for_ggn():
-    p = mlp_init(jax.random.key(20), d=4, h=5, c=3)
-    x, y = data(jax.random.key(21), 12, (4,), c=3)
+    p = mlp_init(20, d=4, h=5, c=3)
+    x, y = data(21, 12, (4,), c=3)
     n_s = 256
     got = flat(sens.fisher(jax.random.key(22), mlp_apply, p, (x[None], y[None]),
                            n_samples=n_s))
     # Exact per-label gradients: g_ic = J_i^T (p_i - e_c); E_c[g^2] = GGN_i.
     f0, unravel = jax.flatten_util.ravel_pytree(p)
-    per_label = jax.vmap(jax.vmap(
+    per_label = jax.jit(jax.vmap(jax.vmap(
         lambda xi, c: jax.grad(lambda f: sens.softmax_cross_entropy(
-            mlp_apply(unravel(f), xi[None]), c[None])[0])(f0), (None, 0)), (0, None))(
-        x, jnp.arange(3))                                              # (B, C, P)
+            mlp_apply(unravel(f), xi[None]), c[None])[0])(f0), (None, 0)), (0, None)))(
+        x, jnp.arange(3))                                            # (B, C, P)
     prob = np.asarray(jax.nn.softmax(mlp_apply(p, x)), np.float64)
     g2 = np.asarray(per_label, np.float64) ** 2
     mean_i = np.einsum("bc,bcp->bp", prob, g2)
@@ -331,12 +336,12 @@ def test_monte_carlo_fisher_is_unbiased_for_ggn():
 
 
 def test_empirical_fisher_and_gradient():
-    p = mlp_init(jax.random.key(23))
-    x, y = data(jax.random.key(24), 18, (6,))
+    p = mlp_init(23)
+    x, y = data(24, 18, (6,))
     b = sens.make_batches(x, y, 4)
     ef = sens.score("empirical_fisher", None, mlp_apply, p, b)
-    per_ex = jax.vmap(lambda xi, yi: jax.grad(lambda q: sens.softmax_cross_entropy(
-        mlp_apply(q, xi[None]), yi[None])[0])(p))(x, y)
+    per_ex = jax.jit(jax.vmap(lambda xi, yi: jax.grad(lambda q: sens.softmax_cross_entropy(
+        mlp_apply(q, xi[None]), yi[None])[0])(p)))(x, y)
     want = jax.tree_util.tree_map(lambda g: jnp.mean(g ** 2, 0), per_ex)
     np.testing.assert_allclose(flat(ef), flat(want), rtol=1e-5, atol=1e-10)
     gr = sens.score("gradient", None, mlp_apply, p, b)
@@ -345,8 +350,8 @@ def test_empirical_fisher_and_gradient():
 
 
 def test_baselines_magnitude_random_saliency():
-    p = mlp_init(jax.random.key(25))
-    x, y = data(jax.random.key(26), 10, (6,))
+    p = mlp_init(25)
+    x, y = data(26, 10, (6,))
     b = (x[None], y[None])
     np.testing.assert_array_equal(flat(sens.score("magnitude", None, None, p)), np.abs(flat(p)))
     r1 = sens.score("random", jax.random.key(1), None, p)
@@ -372,11 +377,11 @@ def test_baselines_magnitude_random_saliency():
 
 def test_unknown_method_lists_the_allowed_names():
     with pytest.raises(ValueError, match=r"method must be one of .*'hutchinson'.*'swim'"):
-        sens.score("obd", None, mlp_apply, mlp_init(jax.random.key(0)), None)
+        sens.score("obd", None, mlp_apply, mlp_init(0), None)
 
 
 def test_mismatched_batch_dims_raise():
-    p = mlp_init(jax.random.key(0))
+    p = mlp_init(0)
     x, y = jnp.zeros((2, 8, 6)), jnp.zeros((2, 7), jnp.int32)
     with pytest.raises(ValueError, match="batches: x and y must have the same"):
         sens.swim(None, mlp_apply, p, (x, y))
@@ -395,12 +400,12 @@ def test_mismatched_batch_dims_raise():
 @pytest.mark.parametrize("op,name", [(jnp.sort, "sort"), (lambda h: lax.cumsum(h, axis=1),
                                                             "cumsum")])
 def test_unsupported_primitive_is_named(op, name):
-    p = mlp_init(jax.random.key(0))
+    p = mlp_init(0)
 
     def apply_fn(q, x):
         return op(jax.nn.relu(x @ q["w1"] + q["b1"])) @ q["w2"] + q["b2"]
 
-    x, y = data(jax.random.key(1), 8, (6,))
+    x, y = data(1, 8, (6,))
     with pytest.raises(sens.UnsupportedPrimitiveError, match=f"'{name}'"):
         sens.swim(None, apply_fn, p, (x[None], y[None]))
     # the autodiff estimators handle the same model
@@ -408,17 +413,17 @@ def test_unsupported_primitive_is_named(op, name):
 
 
 def test_primitive_on_data_only_needs_no_rule():
-    p = mlp_init(jax.random.key(0))
+    p = mlp_init(0)
     apply_fn = lambda q, x: mlp_apply(q, jnp.sort(x, axis=-1))  # noqa: E731
-    x, y = data(jax.random.key(1), 8, (6,))
+    x, y = data(1, 8, (6,))
     got = sens.swim(None, apply_fn, p, (x[None], y[None]), normalize=False)
     want = sens.swim(None, mlp_apply, p, (jnp.sort(x, -1)[None], y[None]), normalize=False)
     np.testing.assert_allclose(flat(got), flat(want), rtol=1e-6)
 
 
 def test_other_bad_inputs():
-    p = mlp_init(jax.random.key(0))
-    x, y = data(jax.random.key(1), 8, (6,))
+    p = mlp_init(0)
+    x, y = data(1, 8, (6,))
     b = (x[None], y[None])
     with pytest.raises(ValueError, match="n_probes"):
         sens.hutchinson(jax.random.key(0), mlp_apply, p, b, n_probes=0)

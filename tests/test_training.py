@@ -1,0 +1,210 @@
+"""Tests of swimjax.training: optimizers, determinism, accuracy, noise injection."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from swimjax import data as D
+from swimjax import training as T
+from swimjax.models import Model, get_model
+from swimjax.models.resnet import CifarResNet
+
+
+@pytest.fixture(scope="module")
+def digits() -> D.Dataset:
+    return D.load()
+
+
+@pytest.fixture(scope="module")
+def small_digits(digits) -> D.Dataset:
+    return D.Dataset(digits.x_train[:512], digits.y_train[:512], digits.x_test,
+                     digits.y_test, num_classes=10, name="digits512")
+
+
+SMALL = T.TrainConfig(epochs=1, batch_size=32)
+
+
+def _leaves_equal(a, b) -> bool:
+    return all(np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def kernel_noise(sigma: float):
+    """Additive SWIM-like noise: N(0, (sigma * max|W|)^2) on every kernel (ndim >= 2)."""
+    def perturb_fn(key, variables):
+        leaves, tree = jax.tree_util.tree_flatten(variables)
+        keys = jax.random.split(key, len(leaves))
+        out = [w + sigma * jnp.max(jnp.abs(w)) * jax.random.normal(k, w.shape) if w.ndim >= 2
+               else w for k, w in zip(keys, leaves)]
+        return jax.tree_util.tree_unflatten(tree, out)
+    return perturb_fn
+
+
+def test_config_validation():
+    for kwargs, match in [(dict(optimizer="rmsprop"), "optimizer"),
+                          (dict(learning_rate=0.0), "learning_rate"),
+                          (dict(momentum=1.0), "momentum"),
+                          (dict(weight_decay=-1e-4), "weight_decay"),
+                          (dict(schedule="step"), "schedule"),
+                          (dict(epochs=0), "epochs"),
+                          (dict(batch_size=0), "batch_size")]:
+        with pytest.raises(ValueError, match=match):
+            T.TrainConfig(**kwargs)
+
+
+def test_default_configs_follow_swim():
+    lenet = T.default_config("lenet")
+    assert (lenet.optimizer, lenet.learning_rate, lenet.schedule) == ("adam", 1e-3, "constant")
+    res = T.default_config("resnet18", epochs=3)
+    assert (res.optimizer, res.momentum, res.weight_decay, res.schedule, res.epochs) == (
+        "sgd", 0.9, 5e-4, "cosine", 3)
+    with pytest.raises(ValueError, match="model_name"):
+        T.default_config("mlp")
+
+
+def test_sgd_update_matches_the_formula():
+    """Two SGD steps with momentum mu, weight decay wd and a cosine schedule."""
+    cfg = T.TrainConfig(optimizer="sgd", learning_rate=0.1, momentum=0.9, weight_decay=5e-4,
+                        schedule="cosine")
+    tx = cfg.make_optimizer(total_steps=4)
+    p = {"w": jnp.array([1.0, -2.0])}
+    g = {"w": jnp.array([0.5, 0.25])}
+    state = tx.init(p)
+    u1, state = tx.update(g, state, p)
+    p1 = optax.apply_updates(p, u1)
+    u2, state = tx.update(g, state, p1)
+    b1 = g["w"] + 5e-4 * p["w"]
+    np.testing.assert_allclose(u1["w"], -0.1 * b1, rtol=1e-6)
+    lr2 = 0.1 * 0.5 * (1 + np.cos(np.pi * 1 / 4))
+    b2 = 0.9 * b1 + g["w"] + 5e-4 * p1["w"]
+    np.testing.assert_allclose(u2["w"], -lr2 * b2, rtol=1e-5)
+
+
+def test_evaluate_accuracy_with_a_partial_last_batch():
+    w = jnp.eye(3)
+    apply_fn = lambda params, x: x @ params  # noqa: E731
+    x = np.eye(3, dtype=np.float32)[np.arange(7) % 3]
+    y = np.array([0, 1, 2, 0, 1, 0, 2])  # predictions 0,1,2,0,1,2,0: 5 of 7 correct
+    for bs in (1, 3, 4, 100):
+        assert T.evaluate_accuracy(apply_fn, w, x, y, batch_size=bs) == pytest.approx(5 / 7)
+    with pytest.raises(ValueError, match="same number"):
+        T.evaluate_accuracy(apply_fn, w, x, y[:3])
+
+
+def test_training_is_deterministic_in_the_key(small_digits):
+    model = get_model("lenet")
+    a, hist_a = T.train(jax.random.key(0), model, small_digits, SMALL, progress=False)
+    b, hist_b = T.train(jax.random.key(0), model, small_digits, SMALL, progress=False)
+    c, _ = T.train(jax.random.key(1), model, small_digits, SMALL, progress=False)
+    assert _leaves_equal(a, b)
+    assert hist_a[0]["train_loss"] == hist_b[0]["train_loss"]
+    assert not _leaves_equal(a, c)
+    assert set(hist_a[0]) == {"epoch", "train_loss", "train_acc", "test_acc", "seconds"}
+
+
+def test_lenet_reaches_90_percent_on_the_offline_digits(digits, capsys):
+    model = get_model("lenet")
+    cfg = T.TrainConfig(epochs=3, batch_size=32)
+    t0 = time.perf_counter()
+    variables, history = T.train(jax.random.key(0), model, digits, cfg, progress=False)
+    seconds = time.perf_counter() - t0
+    acc = T.evaluate_accuracy(model.apply_fn, variables, digits.x_test, digits.y_test)
+    with capsys.disabled():
+        print(f"\nLeNet, 3 epochs on 4,000 digits: test acc {acc:.4f} in {seconds:.1f} s "
+              f"(incl. compilation)")
+    assert acc == history[-1]["test_acc"]
+    assert acc > 0.90
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_noise_injection_trains_at_perturbed_weights(small_digits):
+    model = get_model("lenet")
+    seen = []
+
+    def checked(key, variables):
+        seen.append(jax.tree.structure(variables))  # traced once per compilation
+        return kernel_noise(0.1)(key, variables)
+
+    clean, _ = T.train(jax.random.key(0), model, small_digits, SMALL, progress=False)
+    noisy, hist = T.train(jax.random.key(0), model, small_digits, SMALL, perturb_fn=checked,
+                          progress=False)
+    ident, _ = T.train(jax.random.key(0), model, small_digits, SMALL,
+                       perturb_fn=lambda k, v: v, progress=False)
+    # perturb_fn receives the full variables pytree, as apply_fn does
+    assert seen and seen[0] == jax.tree.structure(clean)
+    assert all(np.all(np.isfinite(np.asarray(w))) for w in jax.tree.leaves(noisy))
+    # noise changes the trajectory; biases (never perturbed) change too, via the gradients
+    for name in ("Conv_0", "Dense_2"):
+        for leaf in ("kernel", "bias"):
+            assert not np.allclose(noisy["params"][name][leaf], clean["params"][name][leaf])
+    # a perturbation that does nothing reproduces clean training (straight-through is exact)
+    for x, y in zip(jax.tree.leaves(ident), jax.tree.leaves(clean)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    assert hist[0]["test_acc"] > 0.5  # still learns under 10% weight noise
+
+
+def test_straight_through_gradient_is_taken_at_the_perturbed_point():
+    w = jnp.array([1.0, -2.0, 3.0])
+    delta = jnp.array([0.5, 0.1, -1.0])
+    loss = lambda p: 0.5 * jnp.sum(T.straight_through(p, p + delta) ** 2)  # noqa: E731
+    np.testing.assert_allclose(jax.grad(loss)(w), w + delta, rtol=1e-6)
+    assert float(loss(w)) == pytest.approx(0.5 * float(jnp.sum((w + delta) ** 2)))
+
+
+def _tiny_images(n_train: int, n_test: int) -> D.Dataset:
+    """Two classes of 8x8x3 images told apart by their mean brightness."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, n_train + n_test)
+    x = (rng.uniform(0, 0.5, (n_train + n_test, 8, 8, 3)) + 0.4 * y[:, None, None, None])
+    x = x.astype(np.float32)
+    return D.Dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], 2, "tiny")
+
+
+def test_batchnorm_model_trains_with_sgd_and_updates_running_stats():
+    build = lambda fold: CifarResNet(stage_features=(4, 8), blocks_per_stage=1,  # noqa: E731
+                                     stem_features=4, num_classes=2, fold=fold)
+    model = Model("small_resnet", 2, (8, 8, 3), build(False), build(True), True)
+    data = _tiny_images(64, 32)
+    cfg = T.default_config("resnet20", epochs=3, batch_size=16)
+    variables, history = T.train(jax.random.key(0), model, data, cfg, progress=False)
+    init = model.init(jax.random.split(jax.random.key(0), 3)[0])
+    assert set(variables) == {"params", "batch_stats"}
+    mean0 = np.asarray(init["batch_stats"]["stem"]["bn"]["mean"])
+    mean1 = np.asarray(variables["batch_stats"]["stem"]["bn"]["mean"])
+    assert np.all(mean0 == 0) and np.all(np.abs(mean1) > 0)
+    assert len(history) == 3
+    assert all(np.all(np.isfinite(np.asarray(w))) for w in jax.tree.leaves(variables))
+    # an easy task: the BN network learns it in inference mode too
+    assert history[-1]["test_acc"] > 0.8
+
+
+def test_incompatible_data_is_rejected(small_digits):
+    with pytest.raises(ValueError, match="expects"):
+        T.train(jax.random.key(0), get_model("convnet"), small_digits, SMALL, progress=False)
+    with pytest.raises(ValueError, match="batch_size must be <="):
+        T.train(jax.random.key(0), get_model("lenet"), small_digits,
+                T.TrainConfig(batch_size=1024), progress=False)
+    with pytest.raises(ValueError, match="only 2 outputs"):
+        T.train(jax.random.key(0), get_model("lenet", num_classes=2), small_digits, SMALL,
+                progress=False)
+
+
+def test_swimjax_perturbation_plugs_in(small_digits):
+    """The evaluation's own perturbation function drives noise-injection training."""
+    perturbation = pytest.importorskip("swimjax.perturbation")
+    model = get_model("lenet")
+    variables = model.init(jax.random.key(0))
+    mask = jax.tree.map(lambda w: jnp.zeros(w.shape, bool), variables)
+    cfg = perturbation.VariationConfig(sigma_d=0.1, sigma_wv=0.03)
+    perturb_fn = perturbation.make_perturb_fn(mask, cfg, params=variables)
+    noisy, hist = T.train(jax.random.key(0), model, small_digits, SMALL,
+                          perturb_fn=perturb_fn, progress=False)
+    clean, _ = T.train(jax.random.key(0), model, small_digits, SMALL, progress=False)
+    assert not _leaves_equal(noisy, clean)
+    assert all(np.all(np.isfinite(np.asarray(w))) for w in jax.tree.leaves(noisy))
