@@ -208,9 +208,10 @@ def load(path: str | os.PathLike[str], target: Any = None) -> tuple[Any, dict[st
         except ValueError as err:
             raise ValueError(f"checkpoint {path!r} does not match target: {err}") from err
         for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(ref)):
-            if np.result_type(a) != np.result_type(b):
+            dt_a, dt_b = np.asarray(a).dtype, np.asarray(b).dtype
+            if dt_a != dt_b:
                 raise ValueError(f"checkpoint {path!r} does not match target: "
-                                 f"{jax.tree_util.keystr(p)} has dtype {np.result_type(a)}, "
-                                 f"target has {np.result_type(b)}")
+                                 f"{jax.tree_util.keystr(p)} has dtype {dt_a}, "
+                                 f"target has {dt_b}")
         state = serialization.from_state_dict(target, state)
     return jax.tree.map(jnp.asarray, state), metadata

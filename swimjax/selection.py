@@ -8,9 +8,10 @@ expected loss increase; :func:`select` verifies the weights with the largest
 ``importance_i = h_ii (sigma_unverified,i^2 - sigma_verified,i^2)``.
 
 ``h`` (``scores``) and the sigmas must be in matching units: curvature w.r.t.
-the weights with sigmas in weight units (``perturbation.weight_sigmas``), or
-SWIM's normalized curvature (``sensitivity.swim`` default, w.r.t.
-``w / max|W|``) with sigmas relative to each layer's scale (e.g. scalars).
+the weights (every :mod:`swimjax.sensitivity` estimator by default) with
+sigmas in weight units (``perturbation.weight_sigmas``), or SWIM's normalized
+curvature (``sensitivity.swim(normalize=True)``, w.r.t. ``w / max|W|``) with
+sigmas relative to each layer's scale (e.g. scalars).
 
 Only *mapped* leaves (``selected``; default
 :func:`swimjax.mapping.mapped_leaves`, kernels with ``ndim >= 2``) compete for

@@ -26,16 +26,15 @@ sums over examples instead: N times larger, same ranking.)
 ``diag(p) - p p^T`` is used in closed form. Any other loss works through
 autodiff (its per-example Hessian with respect to the logits).
 
-**Units.** ``hutchinson``, ``ggn``, ``fisher``, ``hessian_diag`` and
-``gradient`` are derivatives with respect to the weights themselves. ``swim``
-by default (``normalize=True``) follows SWIM exactly: on every mapped leaf it
-is the curvature with respect to the max-normalized weight
-``w_hat = w / max|W|``, i.e. ``S_w * max|W|^2``; it then ranks like the
-expected loss increase when the weight error is proportional to each layer's
-scale (SWIM's model). Combine normalized scores with sigmas *relative to the
-layer scale* (e.g. scalars); combine weight-unit scores (``normalize=False``,
-or :func:`to_weight_units`) with weight-unit sigmas such as
-``perturbation.weight_sigmas``. Mixing the two counts the scale twice.
+**Units.** Every estimator returns derivatives with respect to the weights
+themselves, which pair with weight-unit sigmas (``perturbation.weight_sigmas``)
+in :func:`swimjax.selection.select`. ``swim(normalize=True)`` instead returns
+SWIM's raw accumulator, the curvature with respect to the max-normalized
+weight ``w_hat = w / max|W|`` (``S_w * max|W|^2``), which pairs with sigmas
+*relative to the layer scale* (e.g. scalars); :func:`to_weight_units` converts
+back. Mixing the two conventions counts the scale twice. Because SWIM's weight
+error is proportional to the layer scale (``dW = s c sigma eps``), both routes
+rank weights exactly as SWIM does.
 
 Costs (in gradient passes over the same data): ``swim`` about 1-1.5 (one
 forward plus one backward sweep of squared coefficients; +1 with
@@ -69,7 +68,8 @@ LossFn = Callable[[Array, Array], Array]
 Batches = tuple[Array, Array, Array]
 
 __all__ = [
-    "METHODS", "SUPPORTED_PRIMITIVES", "UnsupportedPrimitiveError", "as_batches", "fisher",
+    "METHODS", "SUPPORTED_PRIMITIVES", "UnsupportedPrimitiveError", "as_batches",
+    "available_methods", "fisher",
     "ggn", "gradient", "hessian_diag", "hutchinson", "magnitude", "make_batches", "random",
     "saliency", "score", "softmax_cross_entropy", "swim", "to_weight_units",
 ]
@@ -269,8 +269,9 @@ def _scale_of(leaf: Array) -> Array:
     return jnp.max(jnp.abs(leaf))
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "loss", "norm_flags", "first_order"))
-def _swim_impl(params, x, y, w, *, apply_fn, loss, norm_flags, first_order):
+@functools.partial(jax.jit, static_argnames=(
+    "apply_fn", "loss", "mapped", "normalize", "first_order"))
+def _swim_impl(params, x, y, w, *, apply_fn, loss, mapped, normalize, first_order):
     leaves, treedef = jax.tree_util.tree_flatten(params)
     n_tot = jnp.sum(w)
     spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, x[0]))
@@ -305,19 +306,23 @@ def _swim_impl(params, x, y, w, *, apply_fn, loss, norm_flags, first_order):
     zeros = [jnp.zeros_like(leaf) for leaf in leaves]
     (s_sum, g_sum), _ = lax.scan(body, (zeros, list(zeros)), (x, y, w))
     out = []
-    for leaf, s_l, g_l, norm in zip(leaves, s_sum, g_sum, norm_flags):
-        scale = _scale_of(leaf) if norm else jnp.ones((), leaf.dtype)
-        h = s_l * jnp.square(scale)
-        if first_order:
-            # reference: S + 2 * (sum over batches of mean-batch gradients), in
-            # mean-loss units (both divided by N); ranked by magnitude.
-            h = jnp.abs(h + 2.0 * g_l * scale / n_tot)
-        out.append(h)
+    for leaf, s_l, g_l, is_mapped in zip(leaves, s_sum, g_sum, mapped):
+        if not first_order:
+            out.append(s_l * jnp.square(_scale_of(leaf)) if normalize and is_mapped else s_l)
+            continue
+        # SWIM's reference score on w_hat = w / s: S_hat + 2 * (sum over batches
+        # of mean-batch gradients), both in mean-loss units, ranked by magnitude.
+        scale = _scale_of(leaf) if is_mapped else jnp.ones((), leaf.dtype)
+        h_hat = jnp.abs(s_l * jnp.square(scale) + 2.0 * g_l * scale / n_tot)
+        if not normalize:
+            s2 = jnp.square(scale)
+            h_hat = jnp.where(s2 > 0, h_hat / jnp.where(s2 > 0, s2, 1.0), s_l)
+        out.append(h_hat)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def swim(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
-         loss: LossFn | None = None, *, normalize: bool = True, first_order: bool = False,
+         loss: LossFn | None = None, *, normalize: bool = False, first_order: bool = False,
          selected: PyTree | None = None) -> PyTree:
     """SWIM's second-derivative score: Optimal Brain Damage, Gauss-Newton, diagonal.
 
@@ -335,19 +340,25 @@ def swim(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
       batches: data, see the module docstring.
       loss: per-example loss ``loss(logits, labels) -> (batch,)``; default
         softmax cross-entropy.
-      normalize: SWIM's convention (default): on mapped leaves return S for
-        ``w_hat = w / max|W|`` (``S_w * max|W|^2``); unmapped leaves (biases)
-        are never normalized. ``False``: S for the weights themselves.
-      first_order: add SWIM's first-order term, twice the accumulated
-        mean-batch gradient (same units), and return the magnitude
-        ``|S + 2 g|``, as the reference ranks it. Note that with it the result
-        depends on the batch size, as in the reference.
+      normalize: ``True`` returns SWIM's raw accumulator: on mapped leaves S
+        for the max-normalized weight ``w_hat = w / max|W|`` (``S_w *
+        max|W|^2``, what the reference stores in ``weightS.grad``); unmapped
+        leaves (biases) are never normalized. ``False`` (default): the same
+        curvature per unit weight, ``S_w``, which pairs with weight-unit
+        sigmas (``perturbation.weight_sigmas``): ``S_w * (s c sigma)^2 =
+        S_w_hat * (c sigma)^2``, so ``selection.select`` then ranks exactly as
+        SWIM does (and handles non-uniform sigmas).
+      first_order: SWIM's optional first-order term: the reference score on
+        ``w_hat`` is ``|S_w_hat + 2 g_w_hat|`` with ``g`` the accumulated
+        mean-batch gradient (here in the same mean-loss units); it is returned
+        as is (``normalize=True``) or divided by ``max|W|^2``. With it the
+        result depends on the batch size, as in the reference.
       selected: pytree of Python bools marking mapped leaves (default
         :func:`swimjax.mapping.mapped_leaves`).
 
     Returns:
       Pytree like ``params``: diagonal Gauss-Newton curvature of the mean
-      loss (>= 0), in the units above.
+      loss (>= 0), per unit weight (default) or per unit ``w_hat``.
 
     Raises:
       UnsupportedPrimitiveError (a ValueError): ``apply_fn`` uses a primitive
@@ -357,9 +368,8 @@ def swim(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
     _check_params(params)
     flags = _resolve_selected(params, selected)
     x, y, w = as_batches(batches)
-    norm_flags = tuple(bool(normalize) and f for f in flags)
-    return _swim_impl(params, x, y, w, apply_fn=apply_fn, loss=loss, norm_flags=norm_flags,
-                      first_order=bool(first_order))
+    return _swim_impl(params, x, y, w, apply_fn=apply_fn, loss=loss, mapped=flags,
+                      normalize=bool(normalize), first_order=bool(first_order))
 
 
 @functools.partial(jax.jit, static_argnames=("flags",))
@@ -375,7 +385,7 @@ def _to_weight_units_impl(scores, params, *, flags):
 
 
 def to_weight_units(scores: PyTree, params: PyTree, selected: PyTree | None = None) -> PyTree:
-    """Converts normalized ``swim`` scores (w.r.t. ``w / max|W|``) to weight units.
+    """Converts ``swim(normalize=True)`` scores (w.r.t. ``w / max|W|``) to weight units.
 
     Divides every mapped leaf by ``max|W|^2`` (an all-zero leaf stays zero).
     """
@@ -752,7 +762,7 @@ def saliency(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
     """
     v.check_choice("estimator", estimator, tuple(m for m in METHODS if m not in _NOT_CURVATURE))
     if estimator == "swim":
-        kw = {**kw, "normalize": False}
+        kw = {**kw, "normalize": False}   # weight units: h_w * w^2
     h = score(estimator, key, apply_fn, params, batches, loss, **kw)
     return jax.tree_util.tree_map(lambda a, p: jnp.abs(a) * jnp.square(p), h, params)
 
@@ -775,6 +785,11 @@ METHODS: dict[str, Callable[..., PyTree]] = {
 }
 
 _NOT_CURVATURE = ("magnitude", "random", "gradient", "saliency")
+
+
+def available_methods() -> tuple[str, ...]:
+    """Names accepted by :func:`score`."""
+    return tuple(METHODS)
 
 
 def score(method: str, key: Array | None, apply_fn: ApplyFn | None, params: PyTree,

@@ -227,9 +227,27 @@ def _perturb_fn(config: SweepConfig, mask: Any, selected: Any) -> Callable[[jax.
 
 
 def _score(method: str, key: jax.Array, apply_fn, params, batches) -> Any:
-    """Scores of one method, with a key that depends on the method's name only."""
+    """Scores of one method, with a key that depends on the method's name only.
+
+    Curvature estimators return ``h_ii`` in weight units (``swim`` is asked for
+    weight units: with per-layer sigmas ``s * c * sigma`` the ranking by
+    ``h_ii * (sigma_u^2 - sigma_v^2)`` is then exactly SWIM's ranking of the
+    max-normalized curvature).
+    """
     key = jax.random.fold_in(key, zlib.crc32(method.encode()) % 2**31)
-    return sensitivity.score(method, key, apply_fn, params, batches)
+    kw = {"normalize": False} if method == "swim" else {}
+    return sensitivity.score(method, key, apply_fn, params, batches, **kw)
+
+
+def _select(method: str, scores: Any, budget: float, sigma_u: Any, sigma_v: Any, params: Any,
+            selected: Any) -> Any:
+    """The mask of one point. Curvature methods rank by the expected loss
+    removed, ``h_ii * (sigma_u^2 - sigma_v^2)``; the baselines (magnitude,
+    random, gradient, saliency) rank by their own score."""
+    if method in sensitivity.NON_CURVATURE_METHODS:
+        sigma_u, sigma_v = 1.0, 0.0
+    return selection.select(scores, budget, sigma_unverified=sigma_u, sigma_verified=sigma_v,
+                            params=params, selected=selected)
 
 
 def run_sweep(config: SweepConfig, out_dir: str) -> list[dict[str, Any]]:
@@ -284,8 +302,7 @@ def _run_points(config: SweepConfig, out_dir: str, res: results.ResultsFile,
         t0 = time.perf_counter()
         if method not in scores:
             scores[method] = _score(method, k_score, apply_fn, params, batches)
-        mask = selection.select(scores[method], budget, sigma_unverified=sigma_u,
-                                sigma_verified=sigma_v, params=params, selected=selected)
+        mask = _select(method, scores[method], budget, sigma_u, sigma_v, params, selected)
         n_mapped = sum(int(np.size(p)) for p, s in zip(jax.tree.leaves(params),
                                                         jax.tree.leaves(selected)) if s)
         n_verified = sum(int(np.sum(m)) for m, s in zip(jax.tree.leaves(mask),

@@ -166,7 +166,8 @@ def _make_train_step(model: Model, config: TrainConfig, total_steps: int,
                      perturb_fn: Optional[PerturbFn]
                      ) -> tuple[optax.GradientTransformation, Callable[..., Any]]:
     """``(tx, step)``: the optimizer and the jitted ``step(params, opt_state,
-    state, x, y, key) -> (params, opt_state, state, loss, acc)``; ``state``
+    state, x, y, noise_key, step_index) -> (params, opt_state, state, loss,
+    acc)`` (the step's noise key is ``fold_in(noise_key, step_index)``); ``state``
     holds the non-parameter collections. Cached, so repeated ``train`` calls
     with the same model/config/perturb_fn compile once."""
     tx = config.make_optimizer(total_steps)
@@ -181,7 +182,9 @@ def _make_train_step(model: Model, config: TrainConfig, total_steps: int,
 
     @jax.jit
     def step(params: Any, opt_state: Any, state: Variables, x: jax.Array, y: jax.Array,
-             key: jax.Array) -> tuple[Any, Any, Variables, jax.Array, jax.Array]:
+             noise_key: jax.Array, step_index: jax.Array
+             ) -> tuple[Any, Any, Variables, jax.Array, jax.Array]:
+        key = jax.random.fold_in(noise_key, step_index)
         (loss, (logits, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, state, x, y, key)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -253,8 +256,8 @@ def train(key: jax.Array, model: Model, data: Dataset, config: TrainConfig = Tra
         for i in range(steps_per_epoch):
             idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
             params, opt_state, state, loss, acc = step(
-                params, opt_state, state, data.x_train[idx], data.y_train[idx],
-                jax.random.fold_in(noise_key, global_step))
+                params, opt_state, state, data.x_train[idx], data.y_train[idx], noise_key,
+                np.int32(global_step))
             losses.append(loss)
             accs.append(acc)
             global_step += 1

@@ -216,13 +216,7 @@ def _explicit_impl(key: jax.Array, target: jax.Array, verify_mask: jax.Array,
         state_new = _pack(cycles + do_pulse.astype(jnp.int32), new_status)
         return it + 1, g_new, state_new
 
-    import os
-    unroll = int(os.environ.get("WV_UNROLL", "1"))
-    def body_n(carry):
-        for _ in range(unroll):
-            carry = body(carry)
-        return carry
-    _, g, state = jax.lax.while_loop(cond, body_n, (jnp.int32(1), g0, state0))
+    _, g, state = jax.lax.while_loop(cond, body, (jnp.int32(1), g0, state0))
     return WriteVerifyResult(
         g=g.reshape(shape),
         cycles=(state >> _STATUS_BITS).reshape(shape),

@@ -132,7 +132,7 @@ _jit_round_trip = jax.jit(
     static_argnums=1)
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_case())
 def test_round_trip_exact_and_error_bound(case):
     """unmap(map(w)) == quantize(w) bit for bit, whether the two sides are compiled

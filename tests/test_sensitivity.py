@@ -111,7 +111,7 @@ def test_swim_matches_numpy_obd_two_layer_network():
         np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=1e-10, err_msg=k)
 
     # SWIM's normalization: S on w / max|W| for the mapped (2-D) leaves only.
-    normed = sens.swim(None, mlp_apply, p, sens.make_batches(x, y, 16))
+    normed = sens.swim(None, mlp_apply, p, sens.make_batches(x, y, 16), normalize=True)
     for k in want:
         scale = np.abs(P[k]).max() ** 2 if P[k].ndim >= 2 else 1.0
         np.testing.assert_allclose(normed[k], want[k] * scale, rtol=2e-5, atol=1e-10, err_msg=k)
@@ -214,8 +214,10 @@ def test_swim_custom_loss_matches_default_and_first_order_term():
     np.testing.assert_allclose(flat(sens.swim(None, mlp_apply, p, b, my_ce)),
                                flat(sens.swim(None, mlp_apply, p, b)), rtol=1e-5, atol=1e-12)
     # first_order: |S + 2 * sum_b mean-batch gradient / N|, on w / max|W|.
-    s = sens.swim(None, mlp_apply, p, b)
-    fo = sens.swim(None, mlp_apply, p, b, first_order=True)
+    s = sens.swim(None, mlp_apply, p, b, normalize=True)
+    fo = sens.swim(None, mlp_apply, p, b, normalize=True, first_order=True)
+    fo_w = sens.swim(None, mlp_apply, p, b, first_order=True)   # per unit weight
+    np.testing.assert_allclose(flat(sens.to_weight_units(fo, p)), flat(fo_w), rtol=1e-5)
     mean_loss = lambda q, xb, yb: jnp.mean(sens.softmax_cross_entropy(mlp_apply(q, xb), yb))
     g = jax.tree_util.tree_map(lambda a, c: a + c, jax.grad(mean_loss)(p, x[:12], y[:12]),
                                jax.grad(mean_loss)(p, x[12:], y[12:]))
@@ -366,7 +368,7 @@ def test_baselines_magnitude_random_saliency():
     h = sens.swim(None, mlp_apply, p, b, normalize=False)
     np.testing.assert_allclose(flat(sal), flat(h) * flat(p) ** 2, rtol=1e-6)
     # SWIM's reference form S_{w_hat} * w_hat^2 gives the same numbers.
-    hn = sens.swim(None, mlp_apply, p, b)
+    hn = sens.swim(None, mlp_apply, p, b, normalize=True)
     ref = {k: hn[k] * (p[k] / jnp.max(jnp.abs(p[k]))) ** 2 if p[k].ndim >= 2
            else hn[k] * p[k] ** 2 for k in p}
     np.testing.assert_allclose(flat(sal), flat(ref), rtol=1e-5, atol=1e-12)

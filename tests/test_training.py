@@ -172,7 +172,7 @@ def test_batchnorm_model_trains_with_sgd_and_updates_running_stats():
     model = Model("small_resnet", 2, (8, 8, 3), build(False), build(True), True)
     data = _tiny_images(64, 32)
     cfg = T.default_config("resnet20", epochs=3, batch_size=16)
-    variables, history = T.train(jax.random.key(0), model, data, cfg, progress=False)
+    variables, history = T.train(jax.random.key(0), model, data, cfg, progress=True)
     init = model.init(jax.random.split(jax.random.key(0), 3)[0])
     assert set(variables) == {"params", "batch_stats"}
     mean0 = np.asarray(init["batch_stats"]["stem"]["bn"]["mean"])
