@@ -263,7 +263,13 @@ def explicit(device: devices.DeviceConfig, config: WriteVerifyConfig
     ``fn`` runs the explicit write-verify of the module docstring on every
     device at once, in a single ``jax.lax.while_loop`` whose body is one
     elementwise pass over the arrays (plus the ``any`` of the loop condition).
-    It is jitted (and can itself be used under ``jit``/``vmap``).
+    It is jitted (and can itself be used under ``jit``/``vmap``). Per-device
+    loop state is packed into one int32 (cycles and status), so an iteration
+    reads ``target``, ``g`` and that state, draws two normals per device (read
+    and pulse noise) and writes ``g`` and the state; the loop runs as many
+    iterations as its slowest verified device has reads (``max(cycles)``).
+    ``benchmarks/write_verify.py`` measures an iteration against one plain
+    elementwise pass over the same arrays.
 
     Args of ``fn``:
       key: PRNG key.
