@@ -35,6 +35,7 @@ or constants (no parameter flows into them) need no rule.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,6 +139,51 @@ class Tape:
         return len(self.values) - 1
 
 
+def _conv_single_input_channel(lhs: Array, rhs: Array, params: dict) -> Array | None:
+    """``conv_general_dilated`` with ONE input channel as a sum of shifted,
+    broadcast products (an elementwise fusion), or None when not applicable.
+
+    XLA:CPU runs such convolutions (a grayscale first layer) 10-20x slower than
+    this form; the result is the same convolution up to summation order.
+    """
+    dn = params.get("dimension_numbers")
+    if (dn is None or params.get("feature_group_count", 1) != 1
+            or params.get("batch_group_count", 1) != 1
+            or any(d != 1 for d in params.get("lhs_dilation", ()))
+            or params.get("preferred_element_type") is not None):
+        return None
+    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    pads = params["padding"]
+    if lhs.shape[lhs_spec[1]] != 1 or isinstance(pads, str) or any(
+            lo < 0 or hi < 0 for lo, hi in pads):
+        return None
+    nsp = lhs.ndim - 2
+    x = jnp.transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))[..., 0]
+    k = jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))[..., 0, :]
+    xp = jnp.pad(x, [(0, 0)] + [tuple(p) for p in pads])
+    strides, rdil = params["window_strides"], params.get("rhs_dilation", (1,) * nsp)
+    ksz = k.shape[:-1]
+    out_sp = [(xp.shape[1 + d] - (ksz[d] - 1) * rdil[d] - 1) // strides[d] + 1 for d in range(nsp)]
+    y = None
+    for offs in itertools.product(*[range(n) for n in ksz]):
+        sl = tuple(slice(o * rdil[d], o * rdil[d] + (out_sp[d] - 1) * strides[d] + 1, strides[d])
+                   for d, o in enumerate(offs))
+        term = xp[(slice(None),) + sl][..., None] * k[offs]
+        y = term if y is None else y + term
+    canon = {out_spec[0]: 0, out_spec[1]: nsp + 1}
+    canon.update({out_spec[2 + d]: 1 + d for d in range(nsp)})
+    return jnp.transpose(y, [canon[a] for a in range(lhs.ndim)]).astype(jnp.result_type(lhs, rhs))
+
+
+def _eval_primitive(eqn, invals: list[Any]) -> list[Any]:
+    if eqn.primitive.name == "conv_general_dilated" and jax.default_backend() == "cpu":
+        out = _conv_single_input_channel(*invals, eqn.params)
+        if out is not None:
+            return [out]
+    outs = eqn.primitive.bind(*invals, **eqn.params)
+    return list(outs) if eqn.primitive.multiple_results else [outs]
+
+
 def _inner_closed(eqn) -> tuple[Any, list[Any]] | None:
     """(open jaxpr, consts) of an inlinable call primitive, else None."""
     name = eqn.primitive.name
@@ -173,10 +219,7 @@ def _run(tape: Tape, jaxpr, consts: Sequence[Any], arg_ids: Sequence[int]) -> li
         if inner is not None:
             out_ids = _run(tape, inner[0], inner[1], in_ids)
         else:
-            invals = [tape.values[i] for i in in_ids]
-            outs = eqn.primitive.bind(*invals, **eqn.params)
-            if not eqn.primitive.multiple_results:
-                outs = [outs]
+            outs = _eval_primitive(eqn, [tape.values[i] for i in in_ids])
             is_active = any(tape.active[i] for i in in_ids)
             out_ids = [tape.add(o, is_active) for o in outs]
             if is_active:

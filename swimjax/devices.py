@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from swimjax import _random
 from swimjax import _validation as v
 
 Variation = Literal["absolute", "proportional", "polynomial"]
@@ -156,7 +157,7 @@ def program(key: jax.Array, target: jax.Array, device: DeviceConfig) -> jax.Arra
     Returns ``target + sigma * eps`` with device-to-device variation, clipped to
     ``[0, 1]`` when ``device.clip``.
     """
-    eps = jax.random.normal(key, jnp.shape(target), jnp.result_type(target, jnp.float32))
+    eps = _random.normal(key, jnp.shape(target), jnp.result_type(target, jnp.float32))
     return _clip(target + program_std(target, device) * eps, device)
 
 
@@ -166,7 +167,7 @@ def pulse(key: jax.Array, g: jax.Array, step: jax.Array, device: DeviceConfig) -
     The achieved change is ``step + sigma_pulse * eps`` (cycle-to-cycle
     variation; proportional to ``|step|`` if ``pulse_variation`` says so).
     """
-    eps = jax.random.normal(key, jnp.shape(g), jnp.result_type(g, jnp.float32))
+    eps = _random.normal(key, jnp.shape(g), jnp.result_type(g, jnp.float32))
     if device.pulse_variation == "proportional":
         noise = device.sigma_pulse * jnp.abs(step) * eps
     else:
@@ -179,7 +180,7 @@ def read(key: jax.Array, g: jax.Array, device: DeviceConfig) -> jax.Array:
     is a measurement, and a noisy measurement can fall outside the range)."""
     if device.sigma_read == 0.0:
         return g
-    eps = jax.random.normal(key, jnp.shape(g), jnp.result_type(g, jnp.float32))
+    eps = _random.normal(key, jnp.shape(g), jnp.result_type(g, jnp.float32))
     return g + device.sigma_read * eps
 
 
@@ -280,7 +281,7 @@ def sample_nu(key: jax.Array, g: jax.Array, drift_cfg: DriftConfig) -> jax.Array
     ``|N(mu_nu(x), sigma_nu(x))|`` as aihwkit does.
     """
     mu, sd = nu_stats(g, drift_cfg)
-    nu = mu + sd * jax.random.normal(key, mu.shape, mu.dtype)
+    nu = mu + sd * _random.normal(key, mu.shape, mu.dtype)
     return jnp.abs(nu) if drift_cfg.model == "pcm" else jnp.maximum(nu, 0.0)
 
 
@@ -323,7 +324,7 @@ def pcm_read_noise(key: jax.Array, g: jax.Array, t: float | jax.Array,
                    g_prog: jax.Array | None = None, t_read: float = 250e-9) -> jax.Array:
     """One read with PCM 1/f noise (:func:`pcm_read_noise_std`), not clipped."""
     sd = pcm_read_noise_std(g, t, g_prog, t_read)
-    return g + sd * jax.random.normal(key, sd.shape, sd.dtype)
+    return g + sd * _random.normal(key, sd.shape, sd.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -484,9 +485,9 @@ def spatial_field(key: jax.Array, spatial: SpatialConfig,
     n = spatial.rows * spatial.cols
     batch_shape = tuple(batch_shape)
     factor = jnp.asarray(spatial_factor(spatial))
-    z = jax.random.normal(k_sys, batch_shape + (n,))
+    z = _random.normal(k_sys, batch_shape + (n,))
     systematic = jnp.einsum("ij,...j->...i", factor, z, precision=jax.lax.Precision.HIGHEST)
-    independent = jax.random.normal(k_ind, batch_shape + (n,))
+    independent = _random.normal(k_ind, batch_shape + (n,))
     r = spatial.systematic_ratio
     field = math.sqrt(r) * systematic + math.sqrt(1.0 - r) * independent
     return field.reshape(batch_shape + (spatial.rows, spatial.cols))

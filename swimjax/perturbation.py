@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from swimjax import _random
 from swimjax import _validation as v
 from swimjax import mapping
 
@@ -275,7 +276,7 @@ def _perturb(key: jax.Array, params: Any, mask: Any | None, cfg: VariationConfig
         w = jnp.asarray(w)
         sigma = _leaf_sigma(w, m, cfg)
         w0 = mapping.quantize(w, qcfg) if cfg.quantize else w
-        eps = jax.random.normal(jax.random.fold_in(key, i), w.shape, sigma.dtype)
+        eps = _random.normal(jax.random.fold_in(key, i), w.shape, sigma.dtype)
         out.append((w0.astype(sigma.dtype) + sigma * eps).astype(w.dtype))
     return treedef.unflatten(out)
 
@@ -359,7 +360,7 @@ def perturb_via_devices(key: jax.Array, params: Any, mask: Any | None, cfg: Vari
         else:
             dev_sigma = jnp.where(jnp.asarray(m).astype(bool), cfg.sigma_wv, cfg.sigma_d).astype(dt)
         dev_sigma = dev_sigma * mult * dt.type(grid)
-        eps = jax.random.normal(jax.random.fold_in(key, i), mt.g.shape, dt)
+        eps = _random.normal(jax.random.fold_in(key, i), mt.g.shape, dt)
         noisy = mt._replace(g=mt.g + dev_sigma[None] * eps)
         out.append(mapping.from_conductances(noisy, mcfg).astype(w.dtype))
     return treedef.unflatten(out)

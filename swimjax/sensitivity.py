@@ -14,12 +14,17 @@ sums over examples instead: N times larger, same ranking.)
 **Data.** ``batches`` is one of
 
 * a tuple ``(x, y)`` of *stacked* arrays ``x: (n_batches, batch, ...)``,
-  ``y: (n_batches, batch, ...)`` -- batches are ``lax.scan``-ned inside one
-  jitted computation;
+  ``y: (n_batches, batch, ...)``;
 * a tuple ``(x, y, w)`` with example weights ``w: (n_batches, batch)`` (what
   :func:`make_batches` returns: it pads the last batch with zero weight);
 * a list (or other iterable) of ``(x_b, y_b)`` pairs of equal shapes, which is
   stacked.
+
+Each estimator runs ONE jitted step per batch (or per group of examples /
+probes), compiled once and called from a Python loop that accumulates the
+sums on the device. (A ``lax.scan`` over batches would be a single program,
+but XLA:CPU runs convolutions inside loops 2-3x slower, see
+``benchmarks/sensitivity.py``.)
 
 **Loss.** ``loss(logits, labels) -> (batch,)`` per-example losses; default
 :func:`softmax_cross_entropy` (integer labels), for which the output Hessian
@@ -211,6 +216,15 @@ def _loss_or_default(loss: LossFn | None) -> LossFn:
     return softmax_cross_entropy if loss is None else loss
 
 
+def _batch(a: Array, i: Array) -> Array:
+    """``a[i]`` along the leading (batch) axis, with ``i`` traced."""
+    return lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False)
+
+
+def _tree_zeros(tree: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(jnp.zeros_like, tree)
+
+
 # --------------------------------------------------------------------------
 # Output (logit) Hessian of the loss: diagonal and square-root factor
 # --------------------------------------------------------------------------
@@ -269,44 +283,48 @@ def _scale_of(leaf: Array) -> Array:
     return jnp.max(jnp.abs(leaf))
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "apply_fn", "loss", "mapped", "normalize", "first_order"))
-def _swim_impl(params, x, y, w, *, apply_fn, loss, mapped, normalize, first_order):
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    n_tot = jnp.sum(w)
-    spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, x[0]))
+def _trace(apply_fn: ApplyFn, params: PyTree, xb: Array):
+    spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, xb))
     closed = jax.make_jaxpr(apply_fn)(*spec)
     if len(closed.jaxpr.outvars) != 1:
         raise ValueError("apply_fn must return a single logits array")
+    return closed
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "loss", "first_order"),
+                   donate_argnums=(0,))
+def _swim_step(acc, params, x, y, w, b, n_tot, *, apply_fn, loss, first_order):
+    """Adds batch ``b``'s OBD diagonal (and mean-batch gradient) to ``acc``."""
+    xb, yb, wb = _batch(x, b), _batch(y, b), _batch(w, b)
+    leaves = jax.tree_util.tree_leaves(params)
+    closed = _trace(apply_fn, params, xb)
     n_x = len(closed.jaxpr.invars) - len(leaves)
-    active = [True] * len(leaves) + [False] * n_x
-    loss_fn = _loss_or_default(loss)
+    tape, out_ids = _obd.forward(closed, leaves + jax.tree_util.tree_leaves(xb),
+                                 [True] * len(leaves) + [False] * n_x)
+    logits = tape.values[out_ids[0]]
+    if logits.ndim < 1 or logits.shape[0] != wb.shape[0]:
+        raise ValueError(
+            f"apply_fn must return logits with a leading batch axis of {wb.shape[0]}, "
+            f"got shape {tuple(logits.shape)}")
+    wexp = (wb / n_tot).reshape((-1,) + (1,) * (logits.ndim - 1))
+    s_out = _loss_hessian_diag(loss, logits, yb) * wexp
+    s = _obd.backward(tape, out_ids, [s_out.astype(logits.dtype)])
+    acc_s = [a + s[i] if i in s else a for i, a in enumerate(acc[0])]
+    acc_g = acc[1]
+    if first_order:
+        # SWIM's first-order term: the gradient of the batch's MEAN loss.
+        nb = jnp.maximum(jnp.sum(wb), 1e-30)
+        g = jax.grad(_weighted_loss, argnums=2)(apply_fn, _loss_or_default(loss), params,
+                                                xb, yb, wb, nb)
+        acc_g = [a + gi for a, gi in zip(acc_g, jax.tree_util.tree_leaves(g))]
+    return acc_s, acc_g
 
-    def body(carry, batch):
-        xb, yb, wb = batch
-        tape, out_ids = _obd.forward(closed, leaves + jax.tree_util.tree_leaves(xb), active)
-        logits = tape.values[out_ids[0]]
-        if logits.ndim < 1 or logits.shape[0] != wb.shape[0]:
-            raise ValueError(
-                f"apply_fn must return logits with a leading batch axis of {wb.shape[0]}, "
-                f"got shape {tuple(logits.shape)}")
-        wexp = (wb / n_tot).reshape((-1,) + (1,) * (logits.ndim - 1))
-        s_out = _loss_hessian_diag(loss, logits, yb) * wexp
-        s = _obd.backward(tape, out_ids, [s_out.astype(logits.dtype)])
-        s_leaves = [s.get(i, jnp.zeros_like(leaf)) for i, leaf in enumerate(leaves)]
-        acc_s = [a + b for a, b in zip(carry[0], s_leaves)]
-        acc_g = carry[1]
-        if first_order:
-            # SWIM's first-order term: the gradient of the batch's MEAN loss.
-            nb = jnp.maximum(jnp.sum(wb), 1e-30)
-            g = jax.grad(_weighted_loss, argnums=2)(apply_fn, loss_fn, params, xb, yb, wb, nb)
-            acc_g = [a + b for a, b in zip(acc_g, jax.tree_util.tree_leaves(g))]
-        return (acc_s, acc_g), None
 
-    zeros = [jnp.zeros_like(leaf) for leaf in leaves]
-    (s_sum, g_sum), _ = lax.scan(body, (zeros, list(zeros)), (x, y, w))
+@functools.partial(jax.jit, static_argnames=("mapped", "normalize", "first_order"))
+def _swim_finish(acc, params, n_tot, *, mapped, normalize, first_order):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
     out = []
-    for leaf, s_l, g_l, is_mapped in zip(leaves, s_sum, g_sum, mapped):
+    for leaf, s_l, g_l, is_mapped in zip(leaves, acc[0], acc[1], mapped):
         if not first_order:
             out.append(s_l * jnp.square(_scale_of(leaf)) if normalize and is_mapped else s_l)
             continue
@@ -368,8 +386,14 @@ def swim(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
     _check_params(params)
     flags = _resolve_selected(params, selected)
     x, y, w = as_batches(batches)
-    return _swim_impl(params, x, y, w, apply_fn=apply_fn, loss=loss, mapped=flags,
-                      normalize=bool(normalize), first_order=bool(first_order))
+    n_tot = jnp.sum(w)
+    zeros = [jnp.zeros_like(a) for a in jax.tree_util.tree_leaves(params)]
+    acc = (zeros, [jnp.zeros_like(a) for a in zeros])
+    for b in range(x.shape[0]):
+        acc = _swim_step(acc, params, x, y, w, b, n_tot, apply_fn=apply_fn, loss=loss,
+                         first_order=bool(first_order))
+    return _swim_finish(acc, params, n_tot, mapped=flags, normalize=bool(normalize),
+                        first_order=bool(first_order))
 
 
 @functools.partial(jax.jit, static_argnames=("flags",))
@@ -410,40 +434,34 @@ def _split_like(flat: Array, params: PyTree, lead: tuple[int, ...]) -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _rademacher_like(key: Array, params: PyTree, k: int) -> PyTree:
-    """k Rademacher (+1/-1) probes per leaf, from ONE draw of random bits (a
-    single threefry call keeps XLA compile time low)."""
+def _rademacher_like(key: Array, params: PyTree) -> PyTree:
+    """One Rademacher (+1/-1) probe shaped like ``params``, from ONE draw of
+    random bits (a single threefry call keeps XLA compile time low)."""
     n = sum(math.prod(a.shape) for a in jax.tree_util.tree_leaves(params))
-    bits = jax.random.bits(key, (k, n), jnp.uint32)
-    signs = jnp.where((bits >> 31) == 1, 1.0, -1.0)
-    return _split_like(signs, params, (k,))
+    bits = jax.random.bits(key, (n,), jnp.uint32)
+    return _split_like(jnp.where((bits >> 31) == 1, 1.0, -1.0), params, ())
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "apply_fn", "loss", "n_probes", "probe_batch", "per_batch_probes"))
-def _hutchinson_impl(key, params, x, y, w, *, apply_fn, loss, n_probes, probe_batch,
-                     per_batch_probes):
+    "apply_fn", "loss", "n_probes", "probe_batch", "per_batch_probes"), donate_argnums=(0,))
+def _hutchinson_step(acc, key, params, x, y, w, b, j0, n_tot, *, apply_fn, loss, n_probes,
+                     probe_batch, per_batch_probes):
+    """Adds ``sum_j z_j * H_b z_j`` over probes ``j0 .. j0 + probe_batch - 1`` (< k)."""
+    xb, yb, wb = _batch(x, b), _batch(y, b), _batch(w, b)
     loss_fn = _loss_or_default(loss)
-    n_tot = jnp.sum(w)
-    shared = _rademacher_like(key, params, n_probes)
+    grad_fn = jax.grad(lambda p: _weighted_loss(apply_fn, loss_fn, p, xb, yb, wb, n_tot))
 
-    def body(carry, batch):
-        b, xb, yb, wb = batch
-        z = _rademacher_like(jax.random.fold_in(key, b), params, n_probes) \
-            if per_batch_probes else shared
-        grad_fn = jax.grad(lambda p: _weighted_loss(apply_fn, loss_fn, p, xb, yb, wb, n_tot))
+    def z_hz(j):
+        kj = jax.random.fold_in(key, j)     # probe j: the same whatever probe_batch
+        if per_batch_probes:
+            kj = jax.random.fold_in(kj, b)
+        z = _rademacher_like(kj, params)
+        hz = jax.jvp(grad_fn, (params,), (z,))[1]
+        valid = j < n_probes
+        return jax.tree_util.tree_map(lambda a, h: jnp.where(valid, a * h, 0.0), z, hz)
 
-        def z_hz(v):
-            hv = jax.jvp(grad_fn, (params,), (v,))[1]
-            return jax.tree_util.tree_map(jnp.multiply, v, hv)
-
-        zh = lax.map(z_hz, z, batch_size=probe_batch)
-        est = jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), zh)
-        return jax.tree_util.tree_map(jnp.add, carry, est), None
-
-    init = jax.tree_util.tree_map(jnp.zeros_like, params)
-    out, _ = lax.scan(body, init, (jnp.arange(x.shape[0]), x, y, w))
-    return out
+    zh = jax.vmap(z_hz)(j0 + jnp.arange(probe_batch))
+    return jax.tree_util.tree_map(lambda a, z: a + jnp.sum(z, axis=0), acc, zh)
 
 
 def hutchinson(key: Array, apply_fn: ApplyFn, params: PyTree, batches: Any,
@@ -452,9 +470,10 @@ def hutchinson(key: Array, apply_fn: ApplyFn, params: PyTree, batches: Any,
     """Hutchinson's unbiased estimate of the Hessian diagonal, ``E[z * H z]``.
 
     ``z`` are Rademacher probes; ``H z`` by forward-over-reverse
-    (``jax.jvp`` of ``jax.grad``); probes vmapped ``probe_batch`` at a time
-    (``lax.map``), batches scanned, all in one jitted computation. The error
-    of each entry has variance ``sum_{j != i} H_ij^2 / n_probes``.
+    (``jax.jvp`` of ``jax.grad``); probes vmapped ``probe_batch`` at a time,
+    one jitted call per batch and probe group. Probe ``j`` comes from
+    ``fold_in(key, j)``, so ``probe_batch`` does not change the result. The
+    error of each entry has variance ``sum_{j != i} H_ij^2 / n_probes``.
 
     Args:
       key: PRNG key for the probes.
@@ -474,9 +493,15 @@ def hutchinson(key: Array, apply_fn: ApplyFn, params: PyTree, batches: Any,
     v.check_choice("probes", probes, ("shared", "per_batch"))
     _check_params(params)
     x, y, w = as_batches(batches)
-    return _hutchinson_impl(key, params, x, y, w, apply_fn=apply_fn, loss=loss,
-                            n_probes=n_probes, probe_batch=min(probe_batch, n_probes),
-                            per_batch_probes=probes == "per_batch")
+    probe_batch = min(probe_batch, n_probes)
+    n_tot = jnp.sum(w)
+    acc = _tree_zeros(params)
+    for b in range(x.shape[0]):
+        for j0 in range(0, n_probes, probe_batch):
+            acc = _hutchinson_step(acc, key, params, x, y, w, b, j0, n_tot, apply_fn=apply_fn,
+                                   loss=loss, n_probes=n_probes, probe_batch=probe_batch,
+                                   per_batch_probes=probes == "per_batch")
+    return jax.tree_util.tree_map(lambda a: a / n_probes, acc)
 
 
 # --------------------------------------------------------------------------
@@ -490,48 +515,43 @@ def _chunk_size(requested: int | None, batch: int, per_example_floats: int) -> i
     return int(max(1, min(batch, _PER_EXAMPLE_FLOATS // max(1, per_example_floats))))
 
 
-def _chunked(a: Array, m: int) -> Array:
-    """``(batch, ...) -> (ceil(batch/m), m, ...)`` with zero padding."""
-    b = a.shape[0]
-    n_c = -(-b // m)
-    a = jnp.pad(a, [(0, n_c * m - b)] + [(0, 0)] * (a.ndim - 1))
-    return a.reshape((n_c, m) + a.shape[1:])
+def _examples_in_chunks(x: Array, y: Array, w: Array, m: int) -> tuple[Array, Array, Array]:
+    """``(n_batches, batch, ...) -> (n_chunks, m, ...)`` in data order, zero-weight padding."""
+    def re(a: Array) -> Array:
+        a = a.reshape((-1,) + a.shape[2:])
+        n_c = -(-a.shape[0] // m)
+        a = jnp.pad(a, [(0, n_c * m - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape((n_c, m) + a.shape[1:])
+    return re(x), re(y), re(w)
 
 
-def _sum_per_example(per_example: Callable, params: PyTree, xb, yb, wb, idx, m: int) -> PyTree:
-    """Sums ``per_example(x_i, y_i, w_i, idx_i)`` (a params-shaped pytree) over a batch,
-    vmapping ``m`` examples at a time."""
-    chunks = tuple(_chunked(a, m) for a in (xb, yb, wb, idx))
-
-    def body(carry, c):
-        out = jax.vmap(per_example)(*c)
-        return jax.tree_util.tree_map(lambda a, o: a + jnp.sum(o, axis=0), carry, out), None
-
-    init = jax.tree_util.tree_map(jnp.zeros_like, params)
-    out, _ = lax.scan(body, init, chunks)
-    return out
+def _per_example_sum(per_example: Callable, acc: PyTree, xc, yc, wc, c, m: int) -> PyTree:
+    """``acc + sum_i per_example(x_i, y_i, w_i, index_i)`` over chunk ``c`` (vmapped)."""
+    idx = c * m + jnp.arange(m, dtype=jnp.int32)   # position in the data
+    out = jax.vmap(per_example)(_batch(xc, c), _batch(yc, c), _batch(wc, c), idx)
+    return jax.tree_util.tree_map(lambda a, o: a + jnp.sum(o, axis=0), acc, out)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "loss", "chunk"))
-def _ggn_impl(params, x, y, w, *, apply_fn, loss, chunk):
-    n_tot = jnp.sum(w)
-
+@functools.partial(jax.jit, static_argnames=("apply_fn", "loss"), donate_argnums=(0,))
+def _ggn_step(acc, params, xc, yc, wc, c, n_tot, *, apply_fn, loss):
     def per_example(xi, yi, wi, _):
         z, vjp = jax.vjp(lambda p: apply_fn(p, xi[None])[0], params)
         lm = _loss_hessian_sqrt(loss, z[None], yi[None])[0]  # (K, R)
         cots = jnp.transpose(lm).reshape((lm.shape[1],) + z.shape)
-        gs = jax.vmap(lambda c: vjp(c)[0])(cots)
+        gs = jax.vmap(lambda ct: vjp(ct)[0])(cots)
         return jax.tree_util.tree_map(lambda g: (wi / n_tot) * jnp.sum(jnp.square(g), 0), gs)
 
-    def body(carry, batch):
-        xb, yb, wb = batch
-        idx = jnp.zeros(wb.shape, jnp.int32)
-        s = _sum_per_example(per_example, params, xb, yb, wb, idx, chunk)
-        return jax.tree_util.tree_map(jnp.add, carry, s), None
+    return _per_example_sum(per_example, acc, xc, yc, wc, c, xc.shape[1])
 
-    init = jax.tree_util.tree_map(jnp.zeros_like, params)
-    out, _ = lax.scan(body, init, (x, y, w))
-    return out
+
+def _drive_chunks(step: Callable, params: PyTree, x: Array, y: Array, w: Array, m: int,
+                  **kw) -> PyTree:
+    n_tot = jnp.sum(w)
+    xc, yc, wc = _examples_in_chunks(x, y, w, m)
+    acc = _tree_zeros(params)
+    for c in range(xc.shape[0]):
+        acc = step(acc, params, xc, yc, wc, c, n_tot, **kw)
+    return acc
 
 
 def _n_params(params: PyTree) -> int:
@@ -565,7 +585,7 @@ def ggn(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
     x, y, w = as_batches(batches)
     k = _n_outputs(apply_fn, params, x)
     m = _chunk_size(chunk_size, x.shape[1], k * _n_params(params))
-    return _ggn_impl(params, x, y, w, apply_fn=apply_fn, loss=loss, chunk=m)
+    return _drive_chunks(_ggn_step, params, x, y, w, m, apply_fn=apply_fn, loss=loss)
 
 
 def _default_sample(key: Array, logits: Array, n: int) -> Array:
@@ -573,34 +593,22 @@ def _default_sample(key: Array, logits: Array, n: int) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "apply_fn", "loss", "chunk", "empirical", "n_samples", "sample_fn"))
-def _fisher_impl(key, params, x, y, w, *, apply_fn, loss, chunk, empirical, n_samples,
-                 sample_fn):
+    "apply_fn", "loss", "empirical", "n_samples", "sample_fn"), donate_argnums=(0,))
+def _fisher_step(acc, params, xc, yc, wc, c, n_tot, key, *, apply_fn, loss, empirical,
+                 n_samples, sample_fn):
     loss_fn = _loss_or_default(loss)
-    n_tot = jnp.sum(w)
-    b = x.shape[1]
 
     def per_example(xi, yi, wi, gi):
         z, vjp = jax.vjp(lambda p: apply_fn(p, xi[None])[0], params)
         if empirical:
             labels = yi[None]
-        else:
-            ki = jax.random.fold_in(key, gi)
-            labels = (sample_fn or _default_sample)(ki, z, n_samples)
+        else:   # key follows the example's position in the data, not the batching
+            labels = (sample_fn or _default_sample)(jax.random.fold_in(key, gi), z, n_samples)
         dz = jax.vmap(lambda lab: jax.grad(lambda zz: loss_fn(zz[None], lab[None])[0])(z))(labels)
-        gs = jax.vmap(lambda c: vjp(c)[0])(dz)
-        return jax.tree_util.tree_map(
-            lambda g: (wi / n_tot) * jnp.mean(jnp.square(g), 0), gs)
+        gs = jax.vmap(lambda ct: vjp(ct)[0])(dz)
+        return jax.tree_util.tree_map(lambda g: (wi / n_tot) * jnp.mean(jnp.square(g), 0), gs)
 
-    def body(carry, batch):
-        bi, xb, yb, wb = batch
-        idx = bi * b + jnp.arange(b, dtype=jnp.int32)  # dataset position: batching-invariant
-        s = _sum_per_example(per_example, params, xb, yb, wb, idx, chunk)
-        return jax.tree_util.tree_map(jnp.add, carry, s), None
-
-    init = jax.tree_util.tree_map(jnp.zeros_like, params)
-    out, _ = lax.scan(body, init, (jnp.arange(x.shape[0], dtype=jnp.int32), x, y, w))
-    return out
+    return _per_example_sum(per_example, acc, xc, yc, wc, c, xc.shape[1])
 
 
 def fisher(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
@@ -636,8 +644,9 @@ def fisher(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
     x, y, w = as_batches(batches)
     m = _chunk_size(chunk_size, x.shape[1], n_samples * _n_params(params))
     key = jax.random.key(0) if key is None else key
-    return _fisher_impl(key, params, x, y, w, apply_fn=apply_fn, loss=loss, chunk=m,
-                        empirical=bool(empirical), n_samples=n_samples, sample_fn=sample_fn)
+    step = functools.partial(_fisher_step, key=key)
+    return _drive_chunks(step, params, x, y, w, m, apply_fn=apply_fn, loss=loss,
+                         empirical=bool(empirical), n_samples=n_samples, sample_fn=sample_fn)
 
 
 def _empirical_fisher(key, apply_fn, params, batches, loss=None, **kw):
@@ -650,25 +659,19 @@ def _empirical_fisher(key, apply_fn, params, batches, loss=None, **kw):
 # --------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "loss", "chunk"))
-def _hessian_diag_impl(params, x, y, w, *, apply_fn, loss, chunk):
+@functools.partial(jax.jit, static_argnames=("apply_fn", "loss", "chunk"), donate_argnums=(0,))
+def _hessian_diag_step(acc, params, x, y, w, b, n_tot, *, apply_fn, loss, chunk):
+    xb, yb, wb = _batch(x, b), _batch(y, b), _batch(w, b)
     loss_fn = _loss_or_default(loss)
-    n_tot = jnp.sum(w)
     flat, unravel = jax.flatten_util.ravel_pytree(params)
     p = flat.shape[0]
+    g = jax.grad(lambda f: _weighted_loss(apply_fn, loss_fn, unravel(f), xb, yb, wb, n_tot))
 
-    def body(carry, batch):
-        xb, yb, wb = batch
-        g = jax.grad(lambda f: _weighted_loss(apply_fn, loss_fn, unravel(f), xb, yb, wb, n_tot))
+    def entry(i):
+        e = jax.nn.one_hot(i, p, dtype=flat.dtype)
+        return jax.jvp(g, (flat,), (e,))[1][i]
 
-        def entry(i):
-            e = jax.nn.one_hot(i, p, dtype=flat.dtype)
-            return jax.jvp(g, (flat,), (e,))[1][i]
-
-        return carry + lax.map(entry, jnp.arange(p), batch_size=chunk), None
-
-    out, _ = lax.scan(body, jnp.zeros_like(flat), (x, y, w))
-    return unravel(out)
+    return acc + lax.map(entry, jnp.arange(p), batch_size=chunk)
 
 
 def hessian_diag(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
@@ -691,8 +694,13 @@ def hessian_diag(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: 
             f"use hutchinson or ggn for large models (or raise max_params)")
     chunk_size = v.check_int("chunk_size", chunk_size, 1, None)
     x, y, w = as_batches(batches)
-    return _hessian_diag_impl(params, x, y, w, apply_fn=apply_fn, loss=loss,
-                              chunk=min(chunk_size, n_p))
+    n_tot = jnp.sum(w)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    acc = jnp.zeros_like(flat)
+    for b in range(x.shape[0]):
+        acc = _hessian_diag_step(acc, params, x, y, w, b, n_tot, apply_fn=apply_fn, loss=loss,
+                                 chunk=min(chunk_size, n_p))
+    return unravel(acc)
 
 
 # --------------------------------------------------------------------------
@@ -729,18 +737,12 @@ def random(key: Array, apply_fn: ApplyFn | None = None, params: PyTree = None,
     return _random_impl(key, params)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "loss"))
-def _gradient_impl(params, x, y, w, *, apply_fn, loss):
-    loss_fn = _loss_or_default(loss)
-    n_tot = jnp.sum(w)
-
-    def body(carry, batch):
-        xb, yb, wb = batch
-        g = jax.grad(_weighted_loss, argnums=2)(apply_fn, loss_fn, params, xb, yb, wb, n_tot)
-        return jax.tree_util.tree_map(jnp.add, carry, g), None
-
-    out, _ = lax.scan(body, jax.tree_util.tree_map(jnp.zeros_like, params), (x, y, w))
-    return jax.tree_util.tree_map(jnp.abs, out)
+@functools.partial(jax.jit, static_argnames=("apply_fn", "loss"), donate_argnums=(0,))
+def _gradient_step(acc, params, x, y, w, b, n_tot, *, apply_fn, loss):
+    xb, yb, wb = _batch(x, b), _batch(y, b), _batch(w, b)
+    g = jax.grad(_weighted_loss, argnums=2)(apply_fn, _loss_or_default(loss), params, xb, yb,
+                                            wb, n_tot)
+    return jax.tree_util.tree_map(jnp.add, acc, g)
 
 
 def gradient(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
@@ -749,7 +751,11 @@ def gradient(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
     del key
     _check_params(params)
     x, y, w = as_batches(batches)
-    return _gradient_impl(params, x, y, w, apply_fn=apply_fn, loss=loss)
+    n_tot = jnp.sum(w)
+    acc = _tree_zeros(params)
+    for b in range(x.shape[0]):
+        acc = _gradient_step(acc, params, x, y, w, b, n_tot, apply_fn=apply_fn, loss=loss)
+    return jax.tree_util.tree_map(jnp.abs, acc)
 
 
 def saliency(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,

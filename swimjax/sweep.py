@@ -142,7 +142,10 @@ class SweepConfig:
         return self.dataset.replace("/", "_")
 
     def mapping_config(self) -> mapping.MappingConfig:
-        return mapping.MappingConfig(weight_bits=self.weight_bits, device_bits=self.device_bits)
+        """Sign-bit mapping: K devices per weight, as in SWIM's error model, so
+        the explicit loop's unverified weight error matches the statistical one."""
+        return mapping.MappingConfig(weight_bits=self.weight_bits, device_bits=self.device_bits,
+                                     sign="sign_bit")
 
     def variation_config(self) -> perturbation.VariationConfig:
         return perturbation.VariationConfig(sigma_d=self.sigma_d, sigma_wv=self.sigma_wv,
@@ -221,9 +224,9 @@ def score_batches(data: data_lib.Dataset, n_score: int | None, batch_size: int =
 def _perturb_fn(config: SweepConfig, mask: Any, selected: Any) -> Callable[[jax.Array, Any], Any]:
     if config.write_verify == "statistical":
         return perturbation.make_perturb_fn(mask, config.variation_config(), selected)
-    program = programming.make_program_fn(mask, config.mapping_config(), config.device_config(),
-                                          config.write_verify_config(), selected)
-    return lambda key, params: program(key, params).params
+    mcfg, dev, wvc = config.mapping_config(), config.device_config(), config.write_verify_config()
+    return lambda key, params: programming.program_params(key, params, mask, mcfg, dev, wvc,
+                                                          selected).params
 
 
 def _score(method: str, key: jax.Array, apply_fn, params, batches) -> Any:
@@ -244,7 +247,7 @@ def _select(method: str, scores: Any, budget: float, sigma_u: Any, sigma_v: Any,
     """The mask of one point. Curvature methods rank by the expected loss
     removed, ``h_ii * (sigma_u^2 - sigma_v^2)``; the baselines (magnitude,
     random, gradient, saliency) rank by their own score."""
-    if method in sensitivity.NON_CURVATURE_METHODS:
+    if method in sensitivity._NOT_CURVATURE:
         sigma_u, sigma_v = 1.0, 0.0
     return selection.select(scores, budget, sigma_unverified=sigma_u, sigma_verified=sigma_v,
                             params=params, selected=selected)
@@ -288,10 +291,8 @@ def _run_points(config: SweepConfig, out_dir: str, res: results.ResultsFile,
 
     root = jax.random.key(config.seed)
     k_score, k_mc, k_prog = jax.random.split(jax.random.fold_in(root, 1), 3)
-    counter = programming.make_cycle_counter(config.mapping_config(), config.device_config(),
-                                             config.write_verify_config(), selected)
-    full_mask = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
-    full_cycles = counter(k_prog, params, full_mask)
+    hw = (config.mapping_config(), config.device_config(), config.write_verify_config())
+    full_cycles = programming.cycles_full_write_verify(k_prog, params, *hw, selected).total_cycles
 
     scores: dict[str, Any] = {}
     # The quadratic model's predicted loss increase uses one curvature for all
@@ -308,14 +309,17 @@ def _run_points(config: SweepConfig, out_dir: str, res: results.ResultsFile,
         n_verified = sum(int(np.sum(m)) for m, s in zip(jax.tree.leaves(mask),
                                                          jax.tree.leaves(selected)) if s)
         nwc = n_verified / n_mapped
-        nwc_cycles = counter(k_prog, params, mask) / full_cycles
+        total_cycles = programming.program_params(k_prog, params, mask, *hw,
+                                                  selected).total_cycles
+        nwc_cycles = total_cycles / full_cycles
         mc = montecarlo.evaluate(k_mc, apply_fn, params, _perturb_fn(config, mask, selected),
                                  x_test, y_test, config.mc_runs, chunk_size=config.chunk_size,
                                  progress=config.progress)
         s = mc.summary
         row = dict(base, method=method, budget=budget, nwc=nwc,
                    speedup=(1.0 / nwc if nwc > 0 else None), nwc_cycles=float(nwc_cycles),
-                   speedup_cycles=float(1.0 / nwc_cycles),
+                   speedup_cycles=float(1.0 / nwc_cycles), total_cycles=int(total_cycles),
+                   full_wv_cycles=int(full_cycles),
                    n_verified=n_verified, n_mapped=n_mapped,
                    acc_mean=s.mean, acc_std=s.std, acc_sem=s.sem, acc_p1=s.p1, acc_p5=s.p5,
                    acc_min=s.min, acc_max=s.max, clean_acc=float(mc.clean_accuracy),

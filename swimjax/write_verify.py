@@ -70,6 +70,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from swimjax import _random
 from swimjax import _validation as v
 from swimjax import devices
 
@@ -351,7 +352,7 @@ def _statistical_impl(key, target, mask, sigma_unverified, sigma_verified, trunc
     s_u = jnp.asarray(sigma_unverified, dtype)
     s_v = jnp.asarray(sigma_verified, dtype)
     if truncate is None:
-        eps = jax.random.normal(key, (n,), dtype).reshape(shape)
+        eps = _random.normal(key, shape, dtype)
         return target + jnp.where(mask, s_v, s_u) * eps
     k_u, k_v = jax.random.split(key)
     bound = jnp.asarray(truncate, dtype)
@@ -360,7 +361,7 @@ def _statistical_impl(key, target, mask, sigma_unverified, sigma_verified, trunc
     z = jnp.broadcast_to(z, shape).reshape(-1)
     eps_v = jax.random.truncated_normal(k_v, -z, z, (n,), dtype).reshape(shape)
     res_v = jnp.clip(s_v * eps_v, -bound, bound)
-    res_u = s_u * jax.random.normal(k_u, (n,), dtype).reshape(shape)
+    res_u = s_u * _random.normal(k_u, shape, dtype)
     return target + jnp.where(mask, res_v, res_u)
 
 
