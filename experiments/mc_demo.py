@@ -19,7 +19,7 @@ from absl import app, flags
 from swimjax import sweep
 
 FLAGS = flags.FLAGS
-flags.DEFINE_float("sigma_d", 0.15, "Device variation without write-verify (full-scale units).")
+flags.DEFINE_float("sigma_d", 0.2, "Device variation without write-verify (full-scale units).")
 flags.DEFINE_float("sigma_wv", 0.03, "Target residual after write-verify (sets the tolerance).")
 flags.DEFINE_integer("mc_runs", 100, "Monte-Carlo runs.")
 flags.DEFINE_integer("train_epochs", 2, "Training epochs (a few seconds).")

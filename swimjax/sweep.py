@@ -88,7 +88,7 @@ class SweepConfig:
     checkpoint: str | None = None
     methods: tuple[str, ...] = ("swim", "magnitude", "random")
     budgets: tuple[float, ...] = DEFAULT_BUDGETS
-    sigma_d: float = 0.1
+    sigma_d: float = 0.2
     sigma_wv: float = 0.03
     weight_bits: int = 8
     device_bits: int = 1
@@ -196,7 +196,7 @@ def prepare(config: SweepConfig, out_dir: str) -> Prepared:
                                  f"not {want!r}: pass another --checkpoint or remove it")
         logging.info("loaded checkpoint %s", path)
     else:
-        tcfg = training.default_config(config.model, seed=config.seed)
+        tcfg = training.default_config(config.model)
         if config.train_epochs is not None:
             tcfg = dataclasses.replace(tcfg, epochs=config.train_epochs)
         variables, _ = training.train(jax.random.key(config.seed), model, data, tcfg,
@@ -204,6 +204,7 @@ def prepare(config: SweepConfig, out_dir: str) -> Prepared:
         trained_now = True
     acc = float(training.evaluate_accuracy(model.apply_fn, variables, data.x_test, data.y_test))
     if trained_now:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         checkpoint.save(path, variables, dict(model=config.model, dataset=config.dataset_label,
                                               seed=config.seed, test_accuracy=acc))
         logging.info("trained %s to %.2f%% test accuracy; wrote %s", config.model, 100 * acc, path)

@@ -15,6 +15,7 @@ import pytest
 from jax import lax
 from scipy import stats
 
+from swimjax import _obd
 from swimjax import sensitivity as sens
 
 C = 5  # classes
@@ -130,10 +131,10 @@ def _np_conv_same(x, k):
     return y, xp
 
 
-@pytest.mark.parametrize("pool", ["max", "avg"])
-def test_swim_matches_numpy_obd_conv_pool_linear(pool):
-    apply_fn, variables = conv_model(2, pool=pool)
-    x, y = data(3, 12, (6, 6, 2))
+@pytest.mark.parametrize("pool,cin", [("max", 2), ("avg", 2), ("max", 1)])
+def test_swim_matches_numpy_obd_conv_pool_linear(pool, cin):
+    apply_fn, variables = conv_model(2, pool=pool, cin=cin)
+    x, y = data(3, 12, (6, 6, cin))
     got = sens.swim(None, apply_fn, variables, (x[None], y[None]), normalize=False)["params"]
 
     V = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables)
@@ -225,6 +226,38 @@ def test_swim_custom_loss_matches_default_and_first_order_term():
         scale = float(jnp.max(jnp.abs(p[k]))) if p[k].ndim >= 2 else 1.0
         np.testing.assert_allclose(fo[k], np.abs(s[k] + 2 * g[k] * scale / 24), rtol=1e-5,
                                    atol=1e-9)
+
+
+@pytest.mark.parametrize("dn,xs,ks,pad,stride,dil", [
+    (("NHWC", "HWIO", "NHWC"), (3, 9, 8, 1), (3, 3, 1, 4), ((1, 1), (1, 1)), (1, 1), (1, 1)),
+    (("NCHW", "OIHW", "NCHW"), (3, 1, 9, 8), (4, 1, 3, 2), ((2, 0), (1, 3)), (2, 1), (1, 2)),
+    (("NHWC", "HWIO", "NHWC"), (2, 10, 10, 1), (5, 5, 1, 3), ((0, 0), (0, 0)), (3, 3), (1, 1)),
+])
+def test_single_channel_conv_rewrite_equals_lax_conv(dn, xs, ks, pad, stride, dil):
+    # swim evaluates 1-input-channel convolutions as shifted products on CPU
+    r = rng(30)
+    x = jnp.asarray(r.standard_normal(xs), jnp.float32)
+    k = jnp.asarray(r.standard_normal(ks), jnp.float32)
+
+    def conv(a, b):
+        return lax.conv_general_dilated(a, b, stride, pad, rhs_dilation=dil, dimension_numbers=dn)
+
+    params = jax.make_jaxpr(conv)(x, k).jaxpr.eqns[0].params
+    np.testing.assert_allclose(_obd._conv_single_input_channel(x, k, params), conv(x, k),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,window", [((2, 7, 9, 3), (1, 2, 2, 1)), ((2, 6, 6, 2), (1, 3, 2, 1))])
+def test_pool_routing_equals_select_and_scatter(shape, window):
+    # the reshape/argmax routing of non-overlapping max-pools == JAX's VJP
+    x = jnp.asarray(rng(31).standard_normal(shape), jnp.float32)   # no ties
+    pool = lambda a: lax.reduce_window(a, -jnp.inf, lax.max, window, window, "VALID")  # noqa
+    eqn = jax.make_jaxpr(pool)(x).jaxpr.eqns[0]
+    s_y = jnp.asarray(rng(32).uniform(size=pool(x).shape), jnp.float32)
+    entry = _obd._Entry(eqn.primitive, dict(eqn.params), [0], [1])
+    (fast,) = _obd._rule_pool_route(entry, [x], [s_y], [True])
+    (ref,) = _obd._rule_zero_one(entry, [x], [s_y], [True])
+    np.testing.assert_array_equal(fast, ref)
 
 
 # ------------------------------------------------------- ggn, hessian_diag
