@@ -41,6 +41,7 @@ flags.DEFINE_enum("write_verify", _D.write_verify, ["statistical", "explicit"],
 flags.DEFINE_integer("mc_runs", _D.mc_runs, "Monte-Carlo runs per point.")
 flags.DEFINE_integer("seed", _D.seed, "Seed for training, scores and Monte-Carlo.")
 flags.DEFINE_integer("train_epochs", None, "Training epochs (default: the model's default).")
+flags.DEFINE_integer("n_train", None, "Training images to train and score on (default: all).")
 flags.DEFINE_integer("n_test", None, "Test images to evaluate on (default: all).")
 flags.DEFINE_integer("n_score", None, "Training images used for the scores (default: all).")
 flags.DEFINE_float("tolerance", None, "Explicit write-verify acceptance band "
@@ -48,6 +49,8 @@ flags.DEFINE_float("tolerance", None, "Explicit write-verify acceptance band "
 flags.DEFINE_integer("max_pulses", _D.max_pulses, "Explicit write-verify pulse budget.")
 flags.DEFINE_float("sigma_read", _D.sigma_read, "Read noise during verify.")
 flags.DEFINE_integer("chunk_size", None, "Monte-Carlo runs per vmapped chunk (default: auto).")
+flags.DEFINE_bool("measure_cycles", True, "Measure NWC in write cycles with one explicit "
+                  "programming pass per point.")
 flags.DEFINE_string("out_dir", "runs/swim", "Output directory.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 
@@ -62,9 +65,11 @@ def config_from_flags() -> sweep.SweepConfig:
         checkpoint=FLAGS.checkpoint, methods=tuple(FLAGS.methods), budgets=budgets,
         sigma_d=FLAGS.sigma_d, sigma_wv=FLAGS.sigma_wv, weight_bits=FLAGS.weight_bits,
         device_bits=FLAGS.device_bits, write_verify=FLAGS.write_verify, mc_runs=FLAGS.mc_runs,
-        seed=FLAGS.seed, train_epochs=FLAGS.train_epochs, n_test=FLAGS.n_test,
+        seed=FLAGS.seed, train_epochs=FLAGS.train_epochs, n_train=FLAGS.n_train,
+        n_test=FLAGS.n_test,
         n_score=FLAGS.n_score, tolerance=FLAGS.tolerance, max_pulses=FLAGS.max_pulses,
-        sigma_read=FLAGS.sigma_read, chunk_size=FLAGS.chunk_size, progress=FLAGS.progress)
+        sigma_read=FLAGS.sigma_read, chunk_size=FLAGS.chunk_size,
+        measure_cycles=FLAGS.measure_cycles, progress=FLAGS.progress)
 
 
 def main(argv: list[str]) -> None:

@@ -49,7 +49,7 @@ from swimjax import (checkpoint, data as data_lib, devices, mapping, models, mon
                      training, write_verify)
 
 KEY_FIELDS = ("model", "dataset", "method", "budget", "sigma_d", "sigma_wv", "weight_bits",
-              "device_bits", "write_verify", "mc_runs", "seed", "n_test")
+              "device_bits", "write_verify", "mc_runs", "seed", "n_train", "n_test")
 DEFAULT_BUDGETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
@@ -73,12 +73,15 @@ class SweepConfig:
       mc_runs: Monte-Carlo runs per point (>= 1).
       seed: seed for training, scoring and Monte-Carlo.
       train_epochs: epochs when training (None: the training config's default).
+      n_train: training images used for training and scores (None: all).
       n_test: test images used (None: all).
       n_score: training images used to compute the scores (None: all).
       tolerance: explicit write-verify acceptance band (None: sqrt(3) * sigma_wv).
       max_pulses: explicit write-verify pulse budget per device.
       sigma_read: read noise during verify (full-scale units).
       chunk_size: Monte-Carlo runs per vmapped chunk (None: automatic).
+      measure_cycles: measure ``nwc_cycles`` with one explicit programming pass
+        per point (costly for models with tens of millions of devices).
       progress: show progress bars.
     """
 
@@ -96,12 +99,14 @@ class SweepConfig:
     mc_runs: int = 300
     seed: int = 0
     train_epochs: int | None = None
+    n_train: int | None = None
     n_test: int | None = None
     n_score: int | None = None
     tolerance: float | None = None
     max_pulses: int = 20
     sigma_read: float = 0.0
     chunk_size: int | None = None
+    measure_cycles: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -123,6 +128,8 @@ class SweepConfig:
         v.check_int("seed", self.seed, 0, None)
         if self.train_epochs is not None:
             v.check_int("train_epochs", self.train_epochs, 1, None)
+        if self.n_train is not None:
+            v.check_int("n_train", self.n_train, 1, None)
         if self.n_test is not None:
             v.check_int("n_test", self.n_test, 1, None)
         if self.n_score is not None:
@@ -177,12 +184,19 @@ class Prepared:
 
 
 def default_checkpoint_path(config: SweepConfig, out_dir: str) -> str:
-    return os.path.join(out_dir, f"{config.model}_{config.dataset_label}_seed{config.seed}.msgpack")
+    """``<out_dir>/<model>_<dataset>[_n<n_train>][_e<epochs>]_seed<seed>.msgpack``."""
+    parts = [config.model, config.dataset_label]
+    if config.n_train is not None:
+        parts.append(f"n{config.n_train}")
+    if config.train_epochs is not None:
+        parts.append(f"e{config.train_epochs}")
+    return os.path.join(out_dir, "_".join(parts) + f"_seed{config.seed}.msgpack")
 
 
 def prepare(config: SweepConfig, out_dir: str) -> Prepared:
     """Loads the data and the checkpoint, or trains the model and writes it."""
-    data = data_lib.load(config.dataset, data_dir=config.data_dir, n_test=config.n_test)
+    data = data_lib.load(config.dataset, data_dir=config.data_dir, n_train=config.n_train,
+                         n_test=config.n_test)
     model = models.get_model(config.model, num_classes=data.num_classes,
                              input_shape=tuple(data.x_train.shape[1:]))
     path = config.checkpoint or default_checkpoint_path(config, out_dir)
@@ -199,6 +213,7 @@ def prepare(config: SweepConfig, out_dir: str) -> Prepared:
         tcfg = training.default_config(config.model)
         if config.train_epochs is not None:
             tcfg = dataclasses.replace(tcfg, epochs=config.train_epochs)
+        tcfg = dataclasses.replace(tcfg, batch_size=min(tcfg.batch_size, len(data.y_train)))
         variables, _ = training.train(jax.random.key(config.seed), model, data, tcfg,
                                       progress=config.progress)
         trained_now = True
@@ -258,11 +273,11 @@ def run_sweep(config: SweepConfig, out_dir: str) -> list[dict[str, Any]]:
     """Runs (or resumes) the sweep; returns every row of this configuration."""
     os.makedirs(out_dir, exist_ok=True)
     res = results.ResultsFile(os.path.join(out_dir, "results.jsonl"), KEY_FIELDS)
-    n_test_label = config.n_test if config.n_test is not None else -1
     base = dict(model=config.model, dataset=config.dataset_label, sigma_d=config.sigma_d,
                 sigma_wv=config.sigma_wv, weight_bits=config.weight_bits,
                 device_bits=config.device_bits, write_verify=config.write_verify,
-                mc_runs=config.mc_runs, seed=config.seed, n_test=n_test_label)
+                mc_runs=config.mc_runs, seed=config.seed,
+                n_train=config.n_train or -1, n_test=config.n_test or -1)
     todo = [(m, float(b)) for m in config.methods for b in config.budgets
             if not res.has(dict(base, method=m, budget=float(b)))]
     logging.info("%d of %d points to run", len(todo), len(config.methods) * len(config.budgets))
@@ -293,7 +308,8 @@ def _run_points(config: SweepConfig, out_dir: str, res: results.ResultsFile,
     root = jax.random.key(config.seed)
     k_score, k_mc, k_prog = jax.random.split(jax.random.fold_in(root, 1), 3)
     hw = (config.mapping_config(), config.device_config(), config.write_verify_config())
-    full_cycles = programming.cycles_full_write_verify(k_prog, params, *hw, selected).total_cycles
+    full_cycles = (programming.cycles_full_write_verify(k_prog, params, *hw, selected).total_cycles
+                   if config.measure_cycles else None)
 
     scores: dict[str, Any] = {}
     # The quadratic model's predicted loss increase uses one curvature for all
@@ -310,17 +326,21 @@ def _run_points(config: SweepConfig, out_dir: str, res: results.ResultsFile,
         n_verified = sum(int(np.sum(m)) for m, s in zip(jax.tree.leaves(mask),
                                                          jax.tree.leaves(selected)) if s)
         nwc = n_verified / n_mapped
-        total_cycles = programming.program_params(k_prog, params, mask, *hw,
-                                                  selected).total_cycles
-        nwc_cycles = total_cycles / full_cycles
+        if config.measure_cycles:
+            total_cycles = programming.program_params(k_prog, params, mask, *hw,
+                                                      selected).total_cycles
+            nwc_cycles = total_cycles / full_cycles
+        else:
+            total_cycles = full_cycles = nwc_cycles = None
         mc = montecarlo.evaluate(k_mc, apply_fn, params, _perturb_fn(config, mask, selected),
                                  x_test, y_test, config.mc_runs, chunk_size=config.chunk_size,
                                  progress=config.progress)
         s = mc.summary
         row = dict(base, method=method, budget=budget, nwc=nwc,
-                   speedup=(1.0 / nwc if nwc > 0 else None), nwc_cycles=float(nwc_cycles),
-                   speedup_cycles=float(1.0 / nwc_cycles), total_cycles=int(total_cycles),
-                   full_wv_cycles=int(full_cycles),
+                   speedup=(1.0 / nwc if nwc > 0 else None),
+                   nwc_cycles=nwc_cycles,
+                   speedup_cycles=None if nwc_cycles is None else 1.0 / nwc_cycles,
+                   total_cycles=total_cycles, full_wv_cycles=full_cycles,
                    n_verified=n_verified, n_mapped=n_mapped,
                    acc_mean=s.mean, acc_std=s.std, acc_sem=s.sem, acc_p1=s.p1, acc_p5=s.p5,
                    acc_min=s.min, acc_max=s.max, clean_acc=float(mc.clean_accuracy),
@@ -329,5 +349,6 @@ def _run_points(config: SweepConfig, out_dir: str, res: results.ResultsFile,
                        curvature, mask, sigma_u, sigma_v)),
                    seconds=round(time.perf_counter() - t0, 3))
         res.append(row)
-        logging.info("%-10s budget %.3f  NWC %.4f (cycles %.4f)  acc %.2f%% +- %.2f  p5 %.2f%%",
-                     method, budget, nwc, nwc_cycles, 100 * s.mean, 100 * s.std, 100 * s.p5)
+        logging.info("%-10s budget %.3f  NWC %.4f (cycles %s)  acc %.2f%% +- %.2f  p5 %.2f%%",
+                     method, budget, nwc, "-" if nwc_cycles is None else f"{nwc_cycles:.4f}",
+                     100 * s.mean, 100 * s.std, 100 * s.p5)

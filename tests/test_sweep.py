@@ -1,0 +1,142 @@
+"""The SWIM sweep end to end: files, keys, resume, checkpoint reuse, binaries."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from swimjax import montecarlo, sweep
+
+REQUIRED = ("model", "dataset", "method", "budget", "nwc", "speedup", "mc_runs", "acc_mean",
+            "acc_std", "acc_sem", "acc_p1", "acc_p5", "acc_min", "clean_acc", "sigma_d",
+            "sigma_wv", "weight_bits", "device_bits", "write_verify", "seed")
+
+TINY = dict(methods=("swim", "magnitude"), budgets=(0.0, 0.5, 1.0), mc_runs=6, n_train=512,
+            n_test=200, train_epochs=1, progress=False)
+
+
+def _rows(out_dir):
+    with open(os.path.join(out_dir, "results.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_sweep_writes_files_and_resumes_after_interruption(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    config = sweep.SweepConfig(**TINY)
+    real = montecarlo.evaluate
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed after 2 points")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(montecarlo, "evaluate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(config, out)
+    assert len(_rows(out)) == 2  # finished points survived the interruption
+    ckpt = sweep.default_checkpoint_path(config, out)
+    assert os.path.exists(ckpt)
+    mtime = os.path.getmtime(ckpt)
+
+    monkeypatch.setattr(montecarlo, "evaluate", real)
+    rows = sweep.run_sweep(config, out)
+    file_rows = _rows(out)
+    keys = [(r["method"], r["budget"]) for r in file_rows]
+    assert sorted(keys) == sorted((m, b) for m in config.methods for b in config.budgets)
+    assert len(set(keys)) == len(keys) == len(rows) == 6  # one row per point
+    assert os.path.getmtime(ckpt) == mtime  # the checkpoint was loaded, not retrained
+    for r in file_rows:
+        for k in REQUIRED:
+            assert k in r, k
+        for k in ("acc_mean", "acc_p1", "acc_p5", "acc_min", "clean_acc"):
+            assert 0.0 <= r[k] <= 1.0
+        assert r["acc_min"] <= r["acc_p1"] <= r["acc_p5"] <= r["acc_mean"] + 1e-12
+        assert r["nwc"] == pytest.approx(r["budget"], abs=1e-5)
+        assert 0 < r["nwc_cycles"] <= 1.0 + 1e-12
+    by = {(r["method"], r["budget"]): r for r in file_rows}
+    # Budget 0 and 1 do not depend on the method (same masks, same MC keys).
+    for b in (0.0, 1.0):
+        assert by[("swim", b)]["acc_mean"] == by[("magnitude", b)]["acc_mean"]
+    assert by[("swim", 1.0)]["nwc_cycles"] == 1.0
+    # More write-verify never costs fewer cycles.
+    assert by[("swim", 0.0)]["nwc_cycles"] < by[("swim", 0.5)]["nwc_cycles"] < 1.0
+    assert os.path.getsize(os.path.join(out, "accuracy_vs_nwc.png")) > 10_000
+    summary = open(os.path.join(out, "summary.md")).read()
+    assert "| swim | 0.5 |" in summary and "within 1 point" in summary
+
+    # A third run has nothing left to do and changes nothing.
+    before = open(os.path.join(out, "results.jsonl")).read()
+    monkeypatch.setattr(montecarlo, "evaluate", dying)
+    calls["n"] = -100
+    sweep.run_sweep(config, out)
+    assert calls["n"] == -100
+    assert open(os.path.join(out, "results.jsonl")).read() == before
+
+
+@pytest.mark.slow
+def test_explicit_write_verify_sweep(tmp_path):
+    config = sweep.SweepConfig(**dict(TINY, methods=("swim",), budgets=(0.0, 1.0), mc_runs=4,
+                                      write_verify="explicit"))
+    rows = sweep.run_sweep(config, str(tmp_path))
+    by = {r["budget"]: r for r in rows}
+    assert by[1.0]["acc_mean"] >= by[0.0]["acc_mean"]
+    assert by[1.0]["acc_std"] <= by[0.0]["acc_std"]
+    # Full write-verify takes more than one cycle per device on average.
+    assert by[1.0]["total_cycles"] > 1.5 * by[0.0]["total_cycles"]
+
+
+@pytest.mark.slow
+def test_convnet_on_mock_cifar10(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = sweep.SweepConfig(model="convnet", dataset="cifar10", data_dir=str(tmp_path / "d"),
+                               methods=("swim", "random"), budgets=(0.0, 1.0), mc_runs=2,
+                               n_train=32, n_test=16, train_epochs=1, measure_cycles=False,
+                               progress=False)
+    os.makedirs(config.data_dir)
+    with tfds.testing.mock_data(num_examples=40):
+        rows = sweep.run_sweep(config, str(tmp_path / "out"))
+    assert len(rows) == 4 and {r["dataset"] for r in rows} == {"cifar10"}
+    assert all(np.isfinite(r["acc_mean"]) for r in rows)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(budgets=(0.1, 1.5)), "budgets"),
+    (dict(methods=("swim", "nope")), "methods"),
+    (dict(sigma_d=-0.1), "sigma_d"),
+    (dict(sigma_wv=float("nan")), "sigma_wv"),
+    (dict(weight_bits=0), "weight_bits"),
+    (dict(device_bits=9), "device_bits"),
+    (dict(mc_runs=0), "mc_runs"),
+    (dict(write_verify="sometimes"), "write_verify"),
+    (dict(model="alexnet"), "model"),
+])
+def test_bad_config(bad, match):
+    with pytest.raises(ValueError, match=match):
+        sweep.SweepConfig(**bad)
+
+
+def test_binary_rejects_bad_flags(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "experiments.swim", "--budgets=0,2",
+                           f"--out_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "budgets" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_binary_end_to_end(tmp_path):
+    out = tmp_path / "swim"
+    cmd = [sys.executable, "-m", "experiments.swim", f"--out_dir={out}", "--mc_runs=4",
+           "--budgets=0,0.1,1", "--methods=swim,random", "--n_train=512", "--n_test=100",
+           "--train_epochs=1", "--noprogress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| swim | 0.1 |" in proc.stdout
+    assert {p.name for p in out.iterdir()} >= {"results.jsonl", "accuracy_vs_nwc.png",
+                                               "summary.md"}
+    assert len(_rows(out)) == 6
