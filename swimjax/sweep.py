@@ -237,12 +237,33 @@ def score_batches(data: data_lib.Dataset, n_score: int | None, batch_size: int =
             jnp.asarray(y[: nb * bs]).reshape(nb, bs))
 
 
-def _perturb_fn(config: SweepConfig, mask: Any, selected: Any) -> Callable[[jax.Array, Any], Any]:
+def masked_model(config: SweepConfig, apply_fn: Callable[[Any, jax.Array], jax.Array],
+                 selected: Any) -> tuple[Callable, Callable]:
+    """``(apply_fn, perturb_fn)`` over the pair ``{"params": p, "mask": m}``.
+
+    The write-verify mask travels as data beside the parameters instead of
+    being closed over, so every point of a sweep runs the same two functions:
+    :func:`swimjax.montecarlo.evaluate` compiles once and reuses the program
+    for every (method, budget).
+    """
     if config.write_verify == "statistical":
-        return perturbation.make_perturb_fn(mask, config.variation_config(), selected)
-    mcfg, dev, wvc = config.mapping_config(), config.device_config(), config.write_verify_config()
-    return lambda key, params: programming.program_params(key, params, mask, mcfg, dev, wvc,
-                                                          selected).params
+        vcfg = config.variation_config()
+
+        def program(key, p, m):
+            return perturbation.perturb(key, p, m, vcfg, selected)
+    else:
+        hw = (config.mapping_config(), config.device_config(), config.write_verify_config())
+
+        def program(key, p, m):
+            return programming.program_params(key, p, m, *hw, selected).params
+
+    def masked_apply(pm, x):
+        return apply_fn(pm["params"], x)
+
+    def masked_perturb(key, pm):
+        return {"params": program(key, pm["params"], pm["mask"]), "mask": pm["mask"]}
+
+    return masked_apply, masked_perturb
 
 
 def _score(method: str, key: jax.Array, apply_fn, params, batches) -> Any:
@@ -311,6 +332,7 @@ def _run_points(config: SweepConfig, out_dir: str, res: results.ResultsFile,
     full_cycles = (programming.cycles_full_write_verify(k_prog, params, *hw, selected).total_cycles
                    if config.measure_cycles else None)
 
+    masked_apply, masked_perturb = masked_model(config, apply_fn, selected)
     scores: dict[str, Any] = {}
     # The quadratic model's predicted loss increase uses one curvature for all
     # methods (SWIM's Gauss-Newton diagonal), so rows are comparable.
@@ -332,7 +354,7 @@ def _run_points(config: SweepConfig, out_dir: str, res: results.ResultsFile,
             nwc_cycles = total_cycles / full_cycles
         else:
             total_cycles = full_cycles = nwc_cycles = None
-        mc = montecarlo.evaluate(k_mc, apply_fn, params, _perturb_fn(config, mask, selected),
+        mc = montecarlo.evaluate(k_mc, masked_apply, {"params": params, "mask": mask}, masked_perturb,
                                  x_test, y_test, config.mc_runs, chunk_size=config.chunk_size,
                                  progress=config.progress)
         s = mc.summary
