@@ -4,10 +4,13 @@ For each estimator of :mod:`swimjax.sensitivity` it reports
 
 * ``seconds``: wall time of the estimator over the data, steady state (every
   jitted step is compiled first by a warm-up call on one batch of the same
-  shape; the minimum over ``--repeats`` timed calls is kept);
+  shape; then ``--repeats`` rounds call every estimator and the unit in turn,
+  and the minimum per function is kept, so that load changes on a shared
+  machine hit all of them alike); ``cpu_seconds`` likewise (process CPU time);
 * ``cost_in_gradient_passes``: ``seconds`` divided by the time of ONE jitted
   ``value_and_grad`` pass over the same data and batches (one jitted call per
-  batch, gradients summed), measured in the same run the same way;
+  batch, gradients summed), measured in the same rounds
+  (``cpu_cost_in_gradient_passes``: the same ratio of CPU times);
 * the Spearman rank correlation of the scores of the mapped weights (kernels)
   with the exact Hessian diagonal (``hessian_diag``) and the exact
   Gauss-Newton diagonal (``ggn``) on small trained models, and with ``ggn`` on
@@ -56,6 +59,7 @@ flags.DEFINE_integer("train_steps", 300, "Adam steps to train LeNet and the smal
 flags.DEFINE_bool("skip_resnet", False, "Skip the ResNet-18 timings (slow on CPU).")
 flags.DEFINE_integer("resnet_images", 64, "Images for the ResNet-18 timings (e.g. 256 on GPU).")
 flags.DEFINE_integer("resnet_batch", 32, "Batch size on ResNet-18.")
+flags.DEFINE_integer("resnet_probes", 1, "Hutchinson probes in the ResNet-18 timing.")
 flags.DEFINE_list("resnet_methods", ["swim", "gradient", "hutchinson", "fisher", "ggn"],
                   "Estimators timed on ResNet-18.")
 flags.DEFINE_bool("skip_small", False, "Skip the correlations on the small models.")
@@ -114,18 +118,34 @@ def _first_batch(batches):
     return tuple(a[:1] for a in batches)
 
 
-def _time(fn: Method, key, apply_fn, params, batches, repeats: int) -> dict[str, float]:
-    """Warm-up on one batch (compiles every step), then the min of ``repeats`` runs."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(key, apply_fn, params, _first_batch(batches)))
-    warm = time.perf_counter() - t0
-    best = float("inf")
+def _timed(fn: Method, key, apply_fn, params, batches) -> tuple[float, float, Any]:
+    """(wall seconds, process CPU seconds, output) of one blocking call."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn(key, apply_fn, params, batches)
+    jax.block_until_ready(out)
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def _time_all(fns: dict[str, Method], key, apply_fn, params, batches,
+              repeats: int) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Steady-state timings of every function, interleaved.
+
+    A warm-up call on one batch of the same shape compiles every jitted step;
+    then ``repeats`` rounds call each function once in turn, and the minimum
+    wall and CPU times over the rounds are kept, so that load changes on a
+    shared machine hit all functions alike.
+    """
+    res = {m: {"seconds": float("inf"), "cpu_seconds": float("inf")} for m in fns}
+    outs: dict[str, Any] = {}
+    for m, fn in fns.items():
+        res[m]["warmup_seconds_one_batch"], _, _ = _timed(fn, key, apply_fn, params,
+                                                           _first_batch(batches))
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn(key, apply_fn, params, batches)
-        jax.block_until_ready(out)
-        best = min(best, time.perf_counter() - t0)
-    return {"seconds": best, "warmup_seconds_one_batch": warm}, out
+        for m, fn in fns.items():
+            wall, cpu, outs[m] = _timed(fn, key, apply_fn, params, batches)
+            res[m]["seconds"] = min(res[m]["seconds"], wall)
+            res[m]["cpu_seconds"] = min(res[m]["cpu_seconds"], cpu)
+    return res, outs
 
 
 def _mapped_vector(scores, params) -> np.ndarray:
@@ -167,23 +187,28 @@ def _accuracy(apply_fn, params, x, y) -> float:
 
 def _run_timings(name: str, key, apply_fn, params, batches, methods: dict[str, Method],
                  repeats: int, probes: int) -> dict[str, Any]:
-    unit, _ = _time(gradient_pass, key, apply_fn, params, batches, repeats)
-    res: dict[str, Any] = {"gradient_pass_seconds": unit["seconds"], "methods": {}, "scores": {}}
+    times, outs = _time_all({"gradient_pass": gradient_pass, **methods}, key, apply_fn, params,
+                            batches, repeats)
+    unit = times.pop("gradient_pass")
+    outs.pop("gradient_pass")
+    res: dict[str, Any] = {"gradient_pass_seconds": unit["seconds"],
+                           "gradient_pass_cpu_seconds": unit["cpu_seconds"],
+                           "methods": times, "scores": outs}
     print(f"\n== {name}: {batches[0].shape[0]} batches x {batches[0].shape[1]}, "
           f"{sum(np.size(a) for a in jax.tree_util.tree_leaves(params)):,} parameters; "
-          f"one gradient pass = {unit['seconds']:.3f} s")
-    print(f"{'method':<18}{'seconds':>10}{'grad passes':>13}{'warm-up (1 batch)':>20}")
-    for m, fn in methods.items():
-        t, out = _time(fn, key, apply_fn, params, batches, repeats)
+          f"one gradient pass = {unit['seconds']:.3f} s ({unit['cpu_seconds']:.3f} s CPU)")
+    print(f"{'method':<18}{'seconds':>9}{'grad passes':>13}{'CPU s':>8}{'CPU passes':>12}"
+          f"{'warm-up (1 batch)':>19}")
+    for m, t in times.items():
         t["cost_in_gradient_passes"] = t["seconds"] / unit["seconds"]
+        t["cpu_cost_in_gradient_passes"] = t["cpu_seconds"] / unit["cpu_seconds"]
         if m == "hutchinson":
             t["cost_per_probe"] = t["cost_in_gradient_passes"] / probes
             t["probes"] = probes
-        res["methods"][m] = t
-        res["scores"][m] = out
         extra = f"  ({t['cost_per_probe']:.2f} per probe)" if m == "hutchinson" else ""
-        print(f"{m:<18}{t['seconds']:>10.3f}{t['cost_in_gradient_passes']:>13.2f}"
-              f"{t['warmup_seconds_one_batch']:>20.2f}{extra}")
+        print(f"{m:<18}{t['seconds']:>9.3f}{t['cost_in_gradient_passes']:>13.2f}"
+              f"{t['cpu_seconds']:>8.2f}{t['cpu_cost_in_gradient_passes']:>12.2f}"
+              f"{t['warmup_seconds_one_batch']:>19.2f}{extra}")
     return res
 
 
@@ -312,7 +337,8 @@ def main(argv):
     k_lenet, k_resnet, k_small = jax.random.split(key, 3)
     sections = {"lenet": lenet_section(k_lenet, FLAGS.repeats, FLAGS.probes)}
     if not FLAGS.skip_resnet:
-        sections["resnet18"] = resnet_section(k_resnet, max(1, FLAGS.repeats - 2), FLAGS.probes)
+        sections["resnet18"] = resnet_section(k_resnet, max(1, FLAGS.repeats - 2),
+                                              FLAGS.resnet_probes)
     result.update(sections)
     result["cost_in_gradient_passes"] = {
         m: {k: v["cost_in_gradient_passes"] for k, v in s["methods"].items()}

@@ -94,7 +94,7 @@ _ELEMENTWISE = frozenset({
     "expm1", "tanh", "logistic", "sqrt", "rsqrt", "cbrt", "integer_pow", "pow",
     "square", "abs", "sign", "erf", "erfc", "erf_inv", "sin", "cos", "tan",
     "atan", "atan2", "sinh", "cosh", "asinh", "acosh", "atanh", "asin", "acos",
-    "clamp", "floor", "ceil", "round", "is_finite", "rem", "lgamma", "digamma",
+    "clamp", "floor", "ceil", "round", "rem", "lgamma", "digamma",
 })
 
 # max/min: 0/1 masks (ReLU convention at ties).
@@ -344,20 +344,25 @@ def _rule_bilinear(entry: _Entry, vals, s_outs, act):
 
 
 def _rule_elementwise(entry: _Entry, vals, s_outs, act):
+    # Operands that are the same value (x * x) are differentiated together, so
+    # their exact partial is squared (4 x^2 for x * x), not each path apart.
     s_y = s_outs[0]
     res: list[Any] = [None] * len(vals)
-    for k, a in enumerate(act):
-        if not a:
-            continue
-        x_k = jnp.asarray(vals[k])
+    groups: dict[int, list[int]] = {}
+    for k, (i, a) in enumerate(zip(entry.in_ids, act)):
+        if a:
+            groups.setdefault(i, []).append(k)
+    for ks in groups.values():
+        x_k = jnp.asarray(vals[ks[0]])
 
-        def f(v, k=k):
+        def f(v, ks=ks):
             args = list(vals)
-            args[k] = v
+            for k in ks:
+                args[k] = v
             return _bind(entry.prim, entry.params, args)
 
         _, d = jax.jvp(f, (x_k,), (jnp.ones_like(x_k),))
-        res[k] = _sum_to_shape(jnp.square(d).astype(s_y.dtype) * s_y, x_k.shape)
+        res[ks[0]] = _sum_to_shape(jnp.square(d).astype(s_y.dtype) * s_y, x_k.shape)
     return res
 
 

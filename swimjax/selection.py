@@ -88,17 +88,26 @@ def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def _top_k_mask(imp: Array, mag: Array, k: int) -> Array:
-    """Boolean mask of the k largest ``imp``; ties by larger ``mag``, then lower index."""
+def _top_k_mask(imp: np.ndarray, mag: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask of the k largest ``imp``; ties by larger ``mag``, then lower index.
+
+    O(n) on the host: a partition finds the k-th largest importance, and only
+    the weights tied at that value are sorted (by ``-mag``, then index).
+    """
     n = imp.shape[0]
-    idx = jnp.arange(n, dtype=jnp.int32)
-    # + 0.0 folds -0.0 into +0.0 so equal values tie.
-    _, _, order = jax.lax.sort((-(imp + 0.0), -(mag + 0.0), idx), num_keys=3)
-    rank = jnp.zeros((n,), jnp.int32).at[order].set(idx)
-    return rank < k
-
-
-_top_k_mask_jit = jax.jit(_top_k_mask)
+    out = np.zeros(n, bool)
+    if k <= 0:
+        return out
+    if k >= n:
+        out[:] = True
+        return out
+    t = np.partition(imp, n - k)[n - k]          # k-th largest value
+    out[imp > t] = True
+    ties = np.flatnonzero(imp == t)
+    need = k - int(np.count_nonzero(out))
+    order = np.lexsort((ties, -mag[ties]))       # last key sorts first
+    out[ties[order[:need]]] = True
+    return out
 
 
 def select(scores: PyTree, budget: float, *, sigma_unverified: Any = 1.0,
@@ -133,32 +142,32 @@ def select(scores: PyTree, budget: float, *, sigma_unverified: Any = 1.0,
     budget = v.check_range("budget", budget, 0.0, 1.0)
     _check_scores(scores, params)
     flags = _flags(scores, selected)
-    imp_leaves = jax.tree_util.tree_leaves(importance(scores, sigma_unverified, sigma_verified))
+    imp_leaves = [np.asarray(a, np.float32).ravel() for a in
+                  jax.tree_util.tree_leaves(importance(scores, sigma_unverified, sigma_verified))]
     leaves, treedef = jax.tree_util.tree_flatten(scores)
+    shapes = [np.shape(h) for h in leaves]
     if params is not None:
-        mag_leaves = [jnp.abs(jnp.asarray(p, jnp.float32)) for p in jax.tree_util.tree_leaves(params)]
+        mag_leaves = [np.abs(np.asarray(p, np.float32)).ravel()
+                      for p in jax.tree_util.tree_leaves(params)]
     else:
-        mag_leaves = [jnp.zeros(np.shape(h), jnp.float32) for h in leaves]
+        mag_leaves = [np.zeros(int(np.prod(sh)), np.float32) for sh in shapes]
 
-    masks: list[Any] = [jnp.zeros(np.shape(h), bool) for h in leaves]
+    masks: list[Any] = [np.zeros(sh, bool) for sh in shapes]
     mapped = [i for i, f in enumerate(flags) if f]
     if per_layer:
         for i in mapped:
-            n = int(np.size(leaves[i]))
-            k = _round_half_up(budget * n)
-            m = _top_k_mask_jit(imp_leaves[i].ravel(), mag_leaves[i].ravel(), k)
-            masks[i] = m.reshape(np.shape(leaves[i]))
+            k = _round_half_up(budget * imp_leaves[i].size)
+            masks[i] = _top_k_mask(imp_leaves[i], mag_leaves[i], k).reshape(shapes[i])
     elif mapped:
-        imp = jnp.concatenate([imp_leaves[i].ravel() for i in mapped])
-        mag = jnp.concatenate([mag_leaves[i].ravel() for i in mapped])
-        k = _round_half_up(budget * imp.shape[0])
-        m = _top_k_mask_jit(imp, mag, k)
+        imp = np.concatenate([imp_leaves[i] for i in mapped])
+        mag = np.concatenate([mag_leaves[i] for i in mapped])
+        m = _top_k_mask(imp, mag, _round_half_up(budget * imp.size))
         start = 0
         for i in mapped:
-            n = int(np.size(leaves[i]))
-            masks[i] = m[start:start + n].reshape(np.shape(leaves[i]))
+            n = imp_leaves[i].size
+            masks[i] = m[start:start + n].reshape(shapes[i])
             start += n
-    return jax.tree_util.tree_unflatten(treedef, masks)
+    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(m) for m in masks])
 
 
 def predicted_loss_increase(h: PyTree, mask: PyTree, sigma_unverified: Any,

@@ -41,18 +41,19 @@ back. Mixing the two conventions counts the scale twice. Because SWIM's weight
 error is proportional to the layer scale (``dW = s c sigma eps``), both routes
 rank weights exactly as SWIM does.
 
-Costs (in gradient passes over the same data): ``swim`` about 1-1.5 (one
-forward plus one backward sweep of squared coefficients; +1 with
-``first_order``), ``hutchinson`` about 2-3 per probe, ``ggn`` about C per
-example chunk (C = number of classes), ``fisher`` about ``n_samples``,
-``hessian_diag`` P Hessian-vector products (small models only).
+Costs, in jitted gradient passes over the same data (``benchmarks/
+sensitivity.py`` on 2 shared CPU cores; LeNet / ResNet-18): ``swim`` 0.4 / 0.9
+(one forward plus one backward sweep of squared coefficients; about +1 with
+``first_order``), ``hutchinson`` 1.3 / 2.2 per probe, ``ggn`` 11 / 7 (C = 10
+classes), ``fisher`` 2.8 / 1.7 per sampled label, ``hessian_diag`` one
+Hessian-vector product per parameter (small models only).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -73,15 +74,18 @@ LossFn = Callable[[Array, Array], Array]
 Batches = tuple[Array, Array, Array]
 
 __all__ = [
-    "METHODS", "SUPPORTED_PRIMITIVES", "UnsupportedPrimitiveError", "as_batches",
+    "BASELINE_METHODS", "METHODS", "SUPPORTED_PRIMITIVES", "UnsupportedPrimitiveError",
+    "as_batches",
     "available_methods", "fisher",
     "ggn", "gradient", "hessian_diag", "hutchinson", "magnitude", "make_batches", "random",
     "saliency", "score", "softmax_cross_entropy", "swim", "to_weight_units",
 ]
 
-#: Default bound on the floats of per-example gradients materialized by one step
-#: of ggn / fisher (16 MiB: on CPU, larger chunks run slower, not faster).
-_PER_EXAMPLE_FLOATS = 1 << 22
+#: Default bounds on the per-example gradient floats materialized by one step of
+#: ggn / fisher; the chunk is the largest power of two within the bound (on
+#: XLA:CPU larger chunks run slower, and some odd sizes much slower).
+_GGN_FLOATS = 1 << 23
+_FISHER_FLOATS = 1 << 22
 
 
 # --------------------------------------------------------------------------
@@ -132,14 +136,17 @@ def _is_array(a: Any) -> bool:
 def as_batches(batches: Any) -> Batches:
     """Validates ``batches`` and returns stacked ``(x, y, w)`` (see module doc).
 
+    Arrays stay where they are: NumPy data stays on the host and each batch is
+    transferred when its step runs; JAX arrays stay on their device.
+
     Raises:
       ValueError: when x and y (and w) do not share ``(n_batches, batch)``
         leading axes, weights are negative/non-finite or all zero.
     """
     if isinstance(batches, (tuple, list)) and len(batches) in (2, 3) and all(
             _is_array(a) for a in batches):
-        x, y = jnp.asarray(batches[0]), jnp.asarray(batches[1])
-        w = None if len(batches) == 2 else jnp.asarray(batches[2])
+        x, y = batches[0], batches[1]
+        w = None if len(batches) == 2 else batches[2]
     else:
         if batches is None or _is_array(batches):
             raise ValueError(
@@ -152,8 +159,8 @@ def as_batches(batches: Any) -> Batches:
         if len(shapes) != 1:
             raise ValueError(
                 f"batches: every (x, y) batch must have the same shapes, got {sorted(shapes)}")
-        x = jnp.stack([jnp.asarray(p[0]) for p in pairs])
-        y = jnp.stack([jnp.asarray(p[1]) for p in pairs])
+        x = np.stack([np.asarray(p[0]) for p in pairs])
+        y = np.stack([np.asarray(p[1]) for p in pairs])
         w = None
     if x.ndim < 2 or y.ndim < 2:
         raise ValueError(
@@ -166,7 +173,7 @@ def as_batches(batches: Any) -> Batches:
     if x.shape[1] == 0:
         raise ValueError("batches: batch size must be >= 1, got 0")
     if w is None:
-        w = jnp.ones(x.shape[:2], jnp.float32)
+        w = np.ones(x.shape[:2], np.float32)
     else:
         if w.shape != x.shape[:2]:
             raise ValueError(
@@ -175,7 +182,7 @@ def as_batches(batches: Any) -> Batches:
         wn = np.asarray(w)
         if not np.all(np.isfinite(wn)) or np.any(wn < 0) or not np.any(wn > 0):
             raise ValueError("batches: weights w must be finite, >= 0 and not all zero")
-        w = w.astype(jnp.float32)
+        w = w.astype(np.float32) if isinstance(w, np.ndarray) else w.astype(jnp.float32)
     return x, y, w
 
 
@@ -215,11 +222,6 @@ def _weighted_loss(apply_fn: ApplyFn, loss: LossFn, params: PyTree, x: Array, y:
 
 def _loss_or_default(loss: LossFn | None) -> LossFn:
     return softmax_cross_entropy if loss is None else loss
-
-
-def _batch(a: Array, i: Array) -> Array:
-    """``a[i]`` along the leading (batch) axis, with ``i`` traced."""
-    return lax.dynamic_index_in_dim(a, i, axis=0, keepdims=False)
 
 
 def _tree_zeros(tree: PyTree) -> PyTree:
@@ -294,9 +296,8 @@ def _trace(apply_fn: ApplyFn, params: PyTree, xb: Array):
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "loss", "first_order"),
                    donate_argnums=(0,))
-def _swim_step(acc, params, x, y, w, b, n_tot, *, apply_fn, loss, first_order):
-    """Adds batch ``b``'s OBD diagonal (and mean-batch gradient) to ``acc``."""
-    xb, yb, wb = _batch(x, b), _batch(y, b), _batch(w, b)
+def _swim_step(acc, params, xb, yb, wb, n_tot, *, apply_fn, loss, first_order):
+    """Adds one batch's OBD diagonal (and mean-batch gradient) to ``acc``."""
     leaves = jax.tree_util.tree_leaves(params)
     closed = _trace(apply_fn, params, xb)
     n_x = len(closed.jaxpr.invars) - len(leaves)
@@ -349,8 +350,10 @@ def swim(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
     the values, one backward sweep propagates diagonal second derivatives
     ``S`` (softmax-CE output ``p(1-p)``; linear maps with squared coefficients,
     ``S_W = sum x^2 S_y``, ``S_x = sum W^2 S_y``; ReLU masks; max-pool routes to
-    the winner; average-pool scales by ``1/k^2``; off-diagonal terms dropped),
-    batches scanned in one jitted computation. See :mod:`swimjax._obd`.
+    the winner; average-pool scales by ``1/k^2``; eval-mode batch norm by
+    ``(gamma / sqrt(var + eps))^2``; off-diagonal terms dropped), one jitted
+    step per batch. See :mod:`swimjax._obd` for the rules and the primitives
+    covered.
 
     Args:
       key: unused (deterministic estimator); accepted for the common signature.
@@ -391,7 +394,7 @@ def swim(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
     zeros = [jnp.zeros_like(a) for a in jax.tree_util.tree_leaves(params)]
     acc = (zeros, [jnp.zeros_like(a) for a in zeros])
     for b in range(x.shape[0]):
-        acc = _swim_step(acc, params, x, y, w, b, n_tot, apply_fn=apply_fn, loss=loss,
+        acc = _swim_step(acc, params, x[b], y[b], w[b], n_tot, apply_fn=apply_fn, loss=loss,
                          first_order=bool(first_order))
     return _swim_finish(acc, params, n_tot, mapped=flags, normalize=bool(normalize),
                         first_order=bool(first_order))
@@ -445,10 +448,10 @@ def _rademacher_like(key: Array, params: PyTree) -> PyTree:
 
 @functools.partial(jax.jit, static_argnames=(
     "apply_fn", "loss", "n_probes", "probe_batch", "per_batch_probes"), donate_argnums=(0,))
-def _hutchinson_step(acc, key, params, x, y, w, b, j0, n_tot, *, apply_fn, loss, n_probes,
+def _hutchinson_step(acc, key, params, xb, yb, wb, b, j0, n_tot, *, apply_fn, loss, n_probes,
                      probe_batch, per_batch_probes):
-    """Adds ``sum_j z_j * H_b z_j`` over probes ``j0 .. j0 + probe_batch - 1`` (< k)."""
-    xb, yb, wb = _batch(x, b), _batch(y, b), _batch(w, b)
+    """Adds ``sum_j z_j * H_b z_j`` over probes ``j0 .. j0 + probe_batch - 1`` (< k)
+    for batch number ``b``."""
     loss_fn = _loss_or_default(loss)
     grad_fn = jax.grad(lambda p: _weighted_loss(apply_fn, loss_fn, p, xb, yb, wb, n_tot))
 
@@ -499,7 +502,8 @@ def hutchinson(key: Array, apply_fn: ApplyFn, params: PyTree, batches: Any,
     acc = _tree_zeros(params)
     for b in range(x.shape[0]):
         for j0 in range(0, n_probes, probe_batch):
-            acc = _hutchinson_step(acc, key, params, x, y, w, b, j0, n_tot, apply_fn=apply_fn,
+            acc = _hutchinson_step(acc, key, params, x[b], y[b], w[b], b, j0, n_tot,
+                                   apply_fn=apply_fn,
                                    loss=loss, n_probes=n_probes, probe_batch=probe_batch,
                                    per_batch_probes=probes == "per_batch")
     return jax.tree_util.tree_map(lambda a: a / n_probes, acc)
@@ -510,26 +514,31 @@ def hutchinson(key: Array, apply_fn: ApplyFn, params: PyTree, batches: Any,
 # --------------------------------------------------------------------------
 
 
-def _chunk_size(requested: int | None, batch: int, per_example_floats: int) -> int:
+def _chunk_size(requested: int | None, batch: int, per_example_floats: int, budget: int) -> int:
     if requested is not None:
         return min(v.check_int("chunk_size", requested, 1, None), batch)
-    return int(max(1, min(batch, _PER_EXAMPLE_FLOATS // max(1, per_example_floats))))
+    m = max(1, budget // max(1, per_example_floats))
+    return int(min(1 << (m.bit_length() - 1), batch))
 
 
 def _examples_in_chunks(x: Array, y: Array, w: Array, m: int) -> tuple[Array, Array, Array]:
-    """``(n_batches, batch, ...) -> (n_chunks, m, ...)`` in data order, zero-weight padding."""
+    """``(n_batches, batch, ...) -> (n_chunks, m, ...)`` in data order, zero-weight
+    padding (on the host for NumPy input, on the device for JAX arrays)."""
     def re(a: Array) -> Array:
+        xp = np if isinstance(a, np.ndarray) else jnp
         a = a.reshape((-1,) + a.shape[2:])
         n_c = -(-a.shape[0] // m)
-        a = jnp.pad(a, [(0, n_c * m - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
+        a = xp.pad(a, [(0, n_c * m - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
         return a.reshape((n_c, m) + a.shape[1:])
     return re(x), re(y), re(w)
 
 
-def _per_example_sum(per_example: Callable, acc: PyTree, xc, yc, wc, c, m: int) -> PyTree:
-    """``acc + sum_i per_example(x_i, y_i, w_i, index_i)`` over chunk ``c`` (vmapped)."""
+def _per_example_sum(per_example: Callable, acc: PyTree, xc, yc, wc, c) -> PyTree:
+    """``acc + sum_i per_example(x_i, y_i, w_i, index_i)`` over chunk number ``c``
+    (``xc: (m, ...)``), vmapped."""
+    m = xc.shape[0]
     idx = c * m + jnp.arange(m, dtype=jnp.int32)   # position in the data
-    out = jax.vmap(per_example)(_batch(xc, c), _batch(yc, c), _batch(wc, c), idx)
+    out = jax.vmap(per_example)(xc, yc, wc, idx)
     return jax.tree_util.tree_map(lambda a, o: a + jnp.sum(o, axis=0), acc, out)
 
 
@@ -542,7 +551,7 @@ def _ggn_step(acc, params, xc, yc, wc, c, n_tot, *, apply_fn, loss):
         gs = jax.vmap(lambda ct: vjp(ct)[0])(cots)
         return jax.tree_util.tree_map(lambda g: (wi / n_tot) * jnp.sum(jnp.square(g), 0), gs)
 
-    return _per_example_sum(per_example, acc, xc, yc, wc, c, xc.shape[1])
+    return _per_example_sum(per_example, acc, xc, yc, wc, c)
 
 
 def _drive_chunks(step: Callable, params: PyTree, x: Array, y: Array, w: Array, m: int,
@@ -551,7 +560,7 @@ def _drive_chunks(step: Callable, params: PyTree, x: Array, y: Array, w: Array, 
     xc, yc, wc = _examples_in_chunks(x, y, w, m)
     acc = _tree_zeros(params)
     for c in range(xc.shape[0]):
-        acc = step(acc, params, xc, yc, wc, c, n_tot, **kw)
+        acc = step(acc, params, xc[c], yc[c], wc[c], c, n_tot, **kw)
     return acc
 
 
@@ -576,7 +585,7 @@ def ggn(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
     Args:
       key: unused; accepted for the common signature.
       chunk_size: examples vmapped together (memory ``chunk * C * n_params``
-        floats); default keeps that under 2^22 floats.
+        floats); default: the largest power of two keeping that <= 2^23.
 
     Returns:
       Pytree like ``params``: the GGN diagonal of the mean loss (>= 0).
@@ -585,7 +594,7 @@ def ggn(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
     _check_params(params)
     x, y, w = as_batches(batches)
     k = _n_outputs(apply_fn, params, x)
-    m = _chunk_size(chunk_size, x.shape[1], k * _n_params(params))
+    m = _chunk_size(chunk_size, x.shape[1], k * _n_params(params), _GGN_FLOATS)
     return _drive_chunks(_ggn_step, params, x, y, w, m, apply_fn=apply_fn, loss=loss)
 
 
@@ -609,7 +618,7 @@ def _fisher_step(acc, params, xc, yc, wc, c, n_tot, key, *, apply_fn, loss, empi
         gs = jax.vmap(lambda ct: vjp(ct)[0])(dz)
         return jax.tree_util.tree_map(lambda g: (wi / n_tot) * jnp.mean(jnp.square(g), 0), gs)
 
-    return _per_example_sum(per_example, acc, xc, yc, wc, c, xc.shape[1])
+    return _per_example_sum(per_example, acc, xc, yc, wc, c)
 
 
 def fisher(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
@@ -629,7 +638,8 @@ def fisher(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
       n_samples: sampled labels per example (>= 1).
       sample_fn: ``sample_fn(key, logits_i, n) -> (n, ...) labels`` for a
         custom ``loss`` (required then for the Monte-Carlo version).
-      chunk_size: examples vmapped together (see :func:`ggn`).
+      chunk_size: examples vmapped together (default: the largest power of
+        two keeping ``chunk * n_samples * n_params`` <= 2^22 floats).
     """
     n_samples = v.check_int("n_samples", n_samples, 1, None)
     if not empirical:
@@ -643,7 +653,7 @@ def fisher(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
         n_samples = 1
     _check_params(params)
     x, y, w = as_batches(batches)
-    m = _chunk_size(chunk_size, x.shape[1], n_samples * _n_params(params))
+    m = _chunk_size(chunk_size, x.shape[1], n_samples * _n_params(params), _FISHER_FLOATS)
     key = jax.random.key(0) if key is None else key
     step = functools.partial(_fisher_step, key=key)
     return _drive_chunks(step, params, x, y, w, m, apply_fn=apply_fn, loss=loss,
@@ -661,8 +671,7 @@ def _empirical_fisher(key, apply_fn, params, batches, loss=None, **kw):
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "loss", "chunk"), donate_argnums=(0,))
-def _hessian_diag_step(acc, params, x, y, w, b, n_tot, *, apply_fn, loss, chunk):
-    xb, yb, wb = _batch(x, b), _batch(y, b), _batch(w, b)
+def _hessian_diag_step(acc, params, xb, yb, wb, n_tot, *, apply_fn, loss, chunk):
     loss_fn = _loss_or_default(loss)
     flat, unravel = jax.flatten_util.ravel_pytree(params)
     p = flat.shape[0]
@@ -699,7 +708,8 @@ def hessian_diag(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: 
     flat, unravel = jax.flatten_util.ravel_pytree(params)
     acc = jnp.zeros_like(flat)
     for b in range(x.shape[0]):
-        acc = _hessian_diag_step(acc, params, x, y, w, b, n_tot, apply_fn=apply_fn, loss=loss,
+        acc = _hessian_diag_step(acc, params, x[b], y[b], w[b], n_tot, apply_fn=apply_fn,
+                                 loss=loss,
                                  chunk=min(chunk_size, n_p))
     return unravel(acc)
 
@@ -739,8 +749,7 @@ def random(key: Array, apply_fn: ApplyFn | None = None, params: PyTree = None,
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "loss"), donate_argnums=(0,))
-def _gradient_step(acc, params, x, y, w, b, n_tot, *, apply_fn, loss):
-    xb, yb, wb = _batch(x, b), _batch(y, b), _batch(w, b)
+def _gradient_step(acc, params, xb, yb, wb, n_tot, *, apply_fn, loss):
     g = jax.grad(_weighted_loss, argnums=2)(apply_fn, _loss_or_default(loss), params, xb, yb,
                                             wb, n_tot)
     return jax.tree_util.tree_map(jnp.add, acc, g)
@@ -755,7 +764,7 @@ def gradient(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
     n_tot = jnp.sum(w)
     acc = _tree_zeros(params)
     for b in range(x.shape[0]):
-        acc = _gradient_step(acc, params, x, y, w, b, n_tot, apply_fn=apply_fn, loss=loss)
+        acc = _gradient_step(acc, params, x[b], y[b], w[b], n_tot, apply_fn=apply_fn, loss=loss)
     return jax.tree_util.tree_map(jnp.abs, acc)
 
 
@@ -767,7 +776,8 @@ def saliency(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
     in weight units here (SWIM's reference computes ``S_{w_hat} * w_hat^2``,
     the same numbers). ``kw`` go to the estimator.
     """
-    v.check_choice("estimator", estimator, tuple(m for m in METHODS if m not in _NOT_CURVATURE))
+    v.check_choice("estimator", estimator,
+                   tuple(m for m in METHODS if m not in BASELINE_METHODS))
     if estimator == "swim":
         kw = {**kw, "normalize": False}   # weight units: h_w * w^2
     h = score(estimator, key, apply_fn, params, batches, loss, **kw)
@@ -791,7 +801,10 @@ METHODS: dict[str, Callable[..., PyTree]] = {
     "saliency": saliency,
 }
 
-_NOT_CURVATURE = ("magnitude", "random", "gradient", "saliency")
+#: Methods whose scores are not a curvature h_ii (rank by the score itself,
+#: not by h_ii * (sigma_u^2 - sigma_v^2)).
+BASELINE_METHODS: tuple[str, ...] = ("magnitude", "random", "gradient", "saliency")
+_NOT_CURVATURE = BASELINE_METHODS  # backward-compatible private alias
 
 
 def available_methods() -> tuple[str, ...]:

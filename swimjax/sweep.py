@@ -284,7 +284,7 @@ def _select(method: str, scores: Any, budget: float, sigma_u: Any, sigma_v: Any,
     """The mask of one point. Curvature methods rank by the expected loss
     removed, ``h_ii * (sigma_u^2 - sigma_v^2)``; the baselines (magnitude,
     random, gradient, saliency) rank by their own score."""
-    if method in sensitivity._NOT_CURVATURE:
+    if method in sensitivity.BASELINE_METHODS:
         sigma_u, sigma_v = 1.0, 0.0
     return selection.select(scores, budget, sigma_unverified=sigma_u, sigma_verified=sigma_v,
                             params=params, selected=selected)

@@ -81,7 +81,8 @@ def data(seed, n, shape, c=C):
 
 
 def flat(tree):
-    return np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in jax.tree_util.tree_leaves(tree)])
+    return np.concatenate([np.ravel(np.asarray(a, np.float64))
+                           for a in jax.tree_util.tree_leaves(tree)])
 
 
 def softmax64(z):
@@ -177,6 +178,23 @@ def test_swim_matches_numpy_obd_conv_pool_linear(pool, cin):
                                 ).sum((0, 1, 2)), rtol=2e-5, atol=1e-10)
 
 
+def test_swim_same_operand_twice_is_differentiated_exactly():
+    # h * h and h ** 2 are the same function: OBD squares d(h*h)/dh = 2h, not
+    # each operand's partial apart (which would give 2 h^2 instead of 4 h^2).
+    p = mlp_init(33)
+    x, y = data(34, 16, (6,))
+    def sq_mul(q, xx):
+        h = xx @ q["w1"]
+        return (h * h) @ q["w2"] + q["b2"]
+
+    def sq_pow(q, xx):
+        return ((xx @ q["w1"]) ** 2) @ q["w2"] + q["b2"]
+
+    b = (x[None], y[None])
+    np.testing.assert_allclose(flat(sens.swim(None, sq_mul, p, b)),
+                               flat(sens.swim(None, sq_pow, p, b)), rtol=1e-5)
+
+
 def test_swim_equals_ggn_for_linear_softmax():
     r = rng(4)
     p = {"w": jnp.asarray(r.standard_normal((7, C)), jnp.float32),
@@ -247,7 +265,8 @@ def test_single_channel_conv_rewrite_equals_lax_conv(dn, xs, ks, pad, stride, di
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape,window", [((2, 7, 9, 3), (1, 2, 2, 1)), ((2, 6, 6, 2), (1, 3, 2, 1))])
+@pytest.mark.parametrize("shape,window", [((2, 7, 9, 3), (1, 2, 2, 1)),
+                                          ((2, 6, 6, 2), (1, 3, 2, 1))])
 def test_pool_routing_equals_select_and_scatter(shape, window):
     # the reshape/argmax routing of non-overlapping max-pools == JAX's VJP
     x = jnp.asarray(rng(31).standard_normal(shape), jnp.float32)   # no ties
