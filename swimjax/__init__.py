@@ -8,6 +8,9 @@ Modules (one concept each):
   montecarlo     Monte-Carlo accuracy under variation (vmapped, chunked, sharded)
   sensitivity    second-order scores (swim, hutchinson, ggn, fisher, baselines)
   selection      budgeted choice of the weights to write-verify
+  programming    the map -> program (write-verify) -> read-out pipeline on pytrees
+  models, data, training, checkpoint   model zoo, datasets, optax training, safe checkpoints
+  sweep, results, report               the SWIM sweep, resumable results, plots and tables
 """
 
 __version__ = "0.1.0"
