@@ -80,7 +80,7 @@ def _check_inputs(params: Any, mask: Any, selected: Any | None) -> tuple[bool, .
     v.check_finite_tree("params", params)
     v.check_same_structure("mask", mask, params)
     for path, m in jax.tree_util.tree_leaves_with_path(mask):
-        dtype = getattr(m, "dtype", np.asarray(m).dtype)
+        dtype = m.dtype if hasattr(m, "dtype") else np.asarray(m).dtype
         if dtype != np.bool_:
             raise ValueError(
                 f"mask{jax.tree_util.keystr(path)} must be a bool array, got dtype {dtype}")
