@@ -32,6 +32,7 @@ sampling noise.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import time
@@ -96,7 +97,7 @@ class SweepConfig:
     weight_bits: int = 8
     device_bits: int = 1
     write_verify: str = "statistical"
-    mc_runs: int = 300
+    mc_runs: int = 100
     seed: int = 0
     train_epochs: int | None = None
     n_train: int | None = None
@@ -266,6 +267,17 @@ def masked_model(config: SweepConfig, apply_fn: Callable[[Any, jax.Array], jax.A
     return masked_apply, masked_perturb
 
 
+def mask_fingerprint(mask: Any) -> str:
+    """A digest of a mask's bits: points with equal masks (budget 0 and 1 of
+    every method) share one Monte-Carlo evaluation, which is exact because all
+    points use the same run keys."""
+    h = hashlib.sha256()
+    for m in jax.tree.leaves(mask):
+        h.update(np.packbits(np.asarray(m, dtype=bool)).tobytes())
+        h.update(str(np.shape(m)).encode())
+    return h.hexdigest()
+
+
 def _score(method: str, key: jax.Array, apply_fn, params, batches) -> Any:
     """Scores of one method, with a key that depends on the method's name only.
 
@@ -333,6 +345,7 @@ def _run_points(config: SweepConfig, out_dir: str, res: results.ResultsFile,
                    if config.measure_cycles else None)
 
     masked_apply, masked_perturb = masked_model(config, apply_fn, selected)
+    evaluated: dict[str, montecarlo.MCResult] = {}
     scores: dict[str, Any] = {}
     # The quadratic model's predicted loss increase uses one curvature for all
     # methods (SWIM's Gauss-Newton diagonal), so rows are comparable.
@@ -354,9 +367,12 @@ def _run_points(config: SweepConfig, out_dir: str, res: results.ResultsFile,
             nwc_cycles = total_cycles / full_cycles
         else:
             total_cycles = full_cycles = nwc_cycles = None
-        mc = montecarlo.evaluate(k_mc, masked_apply, {"params": params, "mask": mask}, masked_perturb,
-                                 x_test, y_test, config.mc_runs, chunk_size=config.chunk_size,
-                                 progress=config.progress)
+        fingerprint = mask_fingerprint(mask)
+        if fingerprint not in evaluated:  # same mask, same run keys: same numbers
+            evaluated[fingerprint] = montecarlo.evaluate(
+                k_mc, masked_apply, {"params": params, "mask": mask}, masked_perturb, x_test,
+                y_test, config.mc_runs, chunk_size=config.chunk_size, progress=config.progress)
+        mc = evaluated[fingerprint]
         s = mc.summary
         row = dict(base, method=method, budget=budget, nwc=nwc,
                    speedup=(1.0 / nwc if nwc > 0 else None),
