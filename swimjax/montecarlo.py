@@ -1,27 +1,80 @@
 """Monte-Carlo evaluation of a network under device variation.
 
-One Monte-Carlo run = one variation instance (``perturb_fn(key_i, params)``)
-evaluated on the whole dataset. Runs are vmapped over their keys, processed in
-chunks to bound memory, and each chunk is sharded over all local devices on a
-1-D mesh (axis ``"runs"``).
+One Monte-Carlo run = one variation instance ``perturb_fn(key_i, params)``
+evaluated on the whole dataset ``(x, y)``; run ``i`` always uses
+``jax.random.split(key, n_runs)[i]``.
 
-Determinism: run ``i`` always uses ``jax.random.split(key, n_runs)[i]`` and the
-correct-prediction count of a run is an integer computed from that run alone,
-so accuracies are bit-identical for every chunk size and device count (losses
-agree to float rounding, since XLA may order a batched reduction differently).
+How the work is laid out (see :func:`plan`):
+
+* **vmap over runs.** ``vmap_size`` runs are vmapped together: their perturbed
+  parameters are drawn in one vmapped call and the dataset goes through
+  ``vmap(apply_fn, in_axes=(0, None))``, the inputs shared by every run (so the
+  first layer reads one copy of ``x``; convolutions become grouped
+  convolutions, dense layers batched matrix products).
+* **batches inside a run.** The dataset is cut into ``batch_size`` examples per
+  step, looped over with ``lax.scan`` (the last batch is padded and masked), so
+  activation memory does not grow with the dataset.
+* **groups, chunks and devices.** The runs are cut into groups of
+  ``vmap_size`` (the last group padded with copies of the last key, whose
+  results are dropped), plus one group that evaluates the clean parameters.
+  About ``chunk_size`` runs (whole groups, a multiple of the device count) form
+  one dispatched call, sharded over all local devices (a 1-D ``Mesh`` over
+  ``jax.local_devices()``, axis ``"runs"``, keys sharded on the run axis);
+  each device loops (``lax`` ``while``) over its groups. Groups a device has no
+  work for in the last call are skipped, not computed. One program is
+  compiled per set of functions and shapes, and cached.
+
+Device memory is bounded by one group: ``vmap_size * (perturbed parameters +
+batch_size * activations per example)``, estimated from the jaxprs of
+``perturb_fn`` and ``apply_fn`` and held under ``memory_budget``. The chunk
+size only sets how many runs one call evaluates (progress granularity).
+
+**Determinism.** Every run is evaluated by the same compiled loop body, in a
+vmap of exactly ``vmap_size`` runs, with the same batches, so the per-run
+results (accuracy AND loss) are bit-identical for every ``chunk_size`` and every
+device count. (Vmapping a different number of runs at once would not be: XLA
+changes how it tiles a grouped convolution or batched matmul with the batch
+size, which moves logits by a few ulps and can flip an arg-max near a tie.
+That is why the vmap width is a parameter of its own and its default depends
+only on the backend, never on the chunk size or the device count.) Changing
+``vmap_size`` or ``batch_size`` changes results at float rounding only. The
+clean (unperturbed) metrics go through the same vmapped path, so they equal
+the metrics of an identity ``perturb_fn`` exactly. Bit-identity across chunkings
+also needs a key type whose draws do not depend on vmap (the default threefry
+keys; not ``rbg``/``unsafe_rbg``).
 
 Shapes: ``x`` is ``(n, ...)`` (whatever ``apply_fn`` takes), ``y`` is ``(n,)``
-integer labels, ``apply_fn(params, x) -> logits (n, C)``.
+integer labels in ``[0, C)``, ``apply_fn(params, x) -> logits (n, C)``.
+Accuracies are fractions in ``[0, 1]``; losses are per-example means.
+
+Speed notes (XLA CPU, jax 0.10, measured with ``benchmarks/montecarlo.py``):
+XLA CPU hands a convolution to its fast YNNPACK path only when it has more
+than 16 input or output channels; vmapping ``vmap_size >= 3`` runs turns a
+small-channel conv (LeNet's 1->6 and 6->16) into a grouped conv of
+``vmap_size`` times the channels, which that path takes, so the vmapped noisy
+evaluation runs about 2x faster than clean forward passes of the same images.
+Widths from 4 to 12 and batches of 20 to 100 images per step give the same
+per-run time; 1000-image steps are slower (cache). Threefry normals for the
+~1e5 LeNet weights cost ~1.4 ms per run (2-3 %). One XLA CPU device runs these
+small convolutions on about one core; to use every core, start the process
+with one CPU device per core (``XLA_FLAGS=--xla_force_host_platform_device_count=N``,
+set by the user before JAX starts; this module never sets flags) and the runs
+are sharded over them (~1.6x on 2 cores).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+from jax.extend import core as jex_core
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from swimjax import _validation as v
@@ -30,15 +83,27 @@ ApplyFn = Callable[[Any, jax.Array], jax.Array]
 PerturbFn = Callable[[jax.Array, Any], Any]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
-DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of live data per chunk (automatic chunk size)
+#: Default hard bound (bytes per device) on one vmapped group's working set.
+DEFAULT_MEMORY_BUDGET = 2 * 2**30
+#: Default runs vmapped together, per backend (see the module's speed notes).
+DEFAULT_VMAP_SIZE = {"cpu": 4}
+DEFAULT_VMAP_SIZE_ACCELERATOR = 32
+#: Working set (bytes) one vmapped step aims at when ``batch_size`` is not given:
+#: cache-sized on CPU (larger steps were slower there), large on accelerators.
+STEP_BYTES = {"cpu": 32 * 2**20}
+STEP_BYTES_ACCELERATOR = 2**30
+#: Chunks a default-sized evaluation is cut into (progress granularity).
+DEFAULT_N_CHUNKS = 10
+_AXIS = "runs"
 
 
 class Summary(NamedTuple):
     """Summary statistics of per-run accuracies (fractions in [0, 1]).
 
-    ``std`` has ``ddof=1`` (0 for a single run), ``sem = std / sqrt(n)``;
+    ``std`` has ``ddof=1`` (0 for a single run), ``sem = std / sqrt(n_runs)``;
     ``p1``/``p5`` are the 1st/5th percentiles with linear interpolation
-    (``numpy.percentile``'s default), the realistic worst case of a chip.
+    (``numpy.percentile``'s default, ``method="linear"``), the realistic worst
+    case of a chip.
     """
 
     mean: float
@@ -69,69 +134,252 @@ class MCResult(NamedTuple):
     summary: Summary
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How :func:`evaluate` lays out the work (all sizes are counts).
+
+    The runs are cut into groups of ``vmap_size`` (the last one padded); one
+    more group evaluates the clean parameters. Each dispatched call (a chunk)
+    evaluates ``groups_per_chunk`` groups, split evenly over the devices.
+
+    Attributes:
+      n_runs: Monte-Carlo runs.
+      n_devices: local devices the runs are sharded over.
+      vmap_size: runs vmapped together on one device.
+      n_groups: ``ceil(n_runs / vmap_size) + 1`` (the clean group last).
+      groups_per_chunk: groups per call, a multiple of ``n_devices``.
+      chunk_size: ``groups_per_chunk * vmap_size``, runs per call (the asked
+        chunk size rounded up to whole groups and to the device count).
+      compiled_groups: groups per call in the compiled program, at least two
+        per device (a one-trip loop compiles differently and would move results
+        by an ulp); groups beyond the valid ones are skipped, not computed.
+      n_chunks: dispatched calls.
+      batch_size: examples per forward pass.
+      n_batches: forward passes per run (the last one padded and masked).
+      param_bytes: estimated bytes per run of the perturbed parameters and the
+        perturbation's temporaries (see :func:`estimate_bytes`).
+      activation_bytes: estimated activation bytes per example (every
+        intermediate of ``apply_fn`` counted, an upper bound).
+      group_bytes: ``vmap_size * (param_bytes + batch_size *
+        activation_bytes)``, the per-device working set held under the budget.
+    """
+
+    n_runs: int
+    n_devices: int
+    vmap_size: int
+    n_groups: int
+    groups_per_chunk: int
+    chunk_size: int
+    compiled_groups: int
+    n_chunks: int
+    batch_size: int
+    n_batches: int
+    param_bytes: int
+    activation_bytes: int
+    group_bytes: int
+
+
+# ----------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------
+
 def summarize(accuracy: Any) -> Summary:
-    """Summary statistics of a 1-D array of per-run accuracies."""
+    """Summary statistics of a 1-D array of per-run accuracies.
+
+    Raises:
+      ValueError: empty or non-finite ``accuracy``.
+    """
     a = np.asarray(accuracy, dtype=np.float64).reshape(-1)
     if a.size < 1:
-        raise ValueError("accuracy must hold at least one run")
+        raise ValueError("accuracy must hold at least one run, got an empty array")
+    if not np.all(np.isfinite(a)):
+        raise ValueError("accuracy must be finite")
     n = a.size
     std = float(np.std(a, ddof=1)) if n > 1 else 0.0
-    p1, p5 = np.percentile(a, [1.0, 5.0])
+    p1, p5 = np.percentile(a, [1.0, 5.0], method="linear")
     return Summary(mean=float(a.mean()), std=std, sem=std / math.sqrt(n), p1=float(p1),
                    p5=float(p5), min=float(a.min()), max=float(a.max()), n_runs=n)
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example softmax cross-entropy, ``(n, C), (n,) -> (n,)``."""
+    """Per-example softmax cross-entropy (nats), ``(n, C), (n,) -> (n,)``."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
 
 
-def _metrics(apply_fn: ApplyFn, loss_fn: LossFn, params: Any, x: jax.Array, y: jax.Array,
-             batch_size: int | None) -> tuple[jax.Array, jax.Array]:
-    """(number correct int32, summed loss float32) of ``params`` on ``(x, y)``."""
+# ----------------------------------------------------------------------------
+# Memory estimate and plan
+# ----------------------------------------------------------------------------
 
-    def one(xb, yb):
-        logits = apply_fn(params, xb)
-        correct = jnp.sum(jnp.argmax(logits, axis=-1) == yb, dtype=jnp.int32)
-        return correct, jnp.sum(loss_fn(logits, yb))
+def _sub_jaxprs(value: Any):
+    if isinstance(value, jex_core.ClosedJaxpr):
+        yield value.jaxpr
+    elif isinstance(value, jex_core.Jaxpr):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _sub_jaxprs(item)
 
-    n = x.shape[0]
-    if batch_size is None or batch_size >= n:
-        return one(x, y)
-    nb, rest = divmod(n, batch_size)
-    head = (x[: nb * batch_size].reshape(nb, batch_size, *x.shape[1:]),
-            y[: nb * batch_size].reshape(nb, batch_size))
-    c, l = jax.lax.map(lambda b: one(*b), head)
-    c, l = jnp.sum(c), jnp.sum(l)
-    if rest:
-        c2, l2 = one(x[nb * batch_size:], y[nb * batch_size:])
-        c, l = c + c2, l + l2
-    return c, l
+
+def _jaxpr_bytes(jaxpr: Any, combine: Callable[[int, int], int] = int.__add__) -> int:
+    """Bytes of the values a jaxpr (and its sub-jaxprs) creates, combined with
+    ``combine`` (sum by default; ``max`` for the largest single value)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            aval = var.aval
+            if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+                try:
+                    itemsize = np.dtype(aval.dtype).itemsize
+                except TypeError:  # PRNG key arrays and other extended dtypes
+                    itemsize = 8
+                total = combine(total, math.prod(aval.shape) * itemsize)
+        for value in eqn.params.values():
+            for sub in _sub_jaxprs(value):
+                total = combine(total, _jaxpr_bytes(sub, combine))
+    return total
 
 
 def _tree_bytes(tree: Any) -> int:
-    return sum(int(np.size(a)) * np.dtype(getattr(a, "dtype", np.float32)).itemsize
-               for a in jax.tree.leaves(tree))
+    return sum(int(np.size(a)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
-def default_chunk_size(params: Any, x: Any, n_runs: int, n_devices: int,
-                       memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
-    """Runs per chunk so that per-run parameters and a generous activation
-    estimate (8 x the input) stay under ``memory_budget`` bytes; a multiple of
-    ``n_devices``, at most ``n_runs`` rounded up to one."""
-    per_run = 3 * _tree_bytes(params) + 8 * _tree_bytes(x)
-    c = max(1, memory_budget // max(per_run, 1))
-    c = min(c, n_runs)
-    return max(n_devices, (c // n_devices) * n_devices)
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype), tree)
 
 
-def _check_inputs(apply_fn, params, x, y, n_runs, chunk_size, batch_size) -> None:
+def estimate_bytes(apply_fn: ApplyFn, params: Any, perturb_fn: PerturbFn | None, x: Any,
+                   key: jax.Array | None = None) -> tuple[int, int]:
+    """Estimated ``(bytes per run, activation bytes per example)``.
+
+    Per run: the perturbed parameters plus twice the largest single value
+    ``perturb_fn`` creates (a draw and its transform; XLA fuses the elementwise
+    chains, so summing every temporary would overestimate several-fold). Per
+    example: the difference of the jaxpr totals of
+    ``apply_fn`` on 2 and on 1 example (every intermediate counted, so an upper
+    bound of what is live at once) plus the example itself. Cached on the
+    functions and the shapes.
+    """
+    k = jax.random.key(0) if key is None else key
+    leaves, treedef = jax.tree.flatten(params)
+    p_sig = (treedef, tuple((np.shape(a), jnp.asarray(a).dtype) for a in leaves))
+    x_dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+    return _cached(_estimate_bytes, apply_fn, perturb_fn, p_sig, tuple(np.shape(x)[1:]),
+                   jnp.dtype(x_dtype), (np.shape(k), k.dtype))
+
+
+def _cached(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` through its ``lru_cache``, or uncached if an argument
+    (say a user's callable object) is unhashable."""
+    try:
+        hash(args)
+    except TypeError:
+        return fn.__wrapped__(*args)
+    return fn(*args)
+
+
+@functools.lru_cache(maxsize=64)
+def _estimate_bytes(apply_fn: ApplyFn, perturb_fn: PerturbFn | None, p_sig: tuple,
+                    ex_shape: tuple, dtype: Any, key_sig: tuple) -> tuple[int, int]:
+    treedef, leaves = p_sig
+    p_abs = treedef.unflatten([jax.ShapeDtypeStruct(s, d) for s, d in leaves])
+    param_bytes = _tree_bytes(p_abs)
+    if perturb_fn is not None:
+        k = jax.ShapeDtypeStruct(*key_sig)
+        jp = jax.make_jaxpr(perturb_fn)(k, p_abs)
+        param_bytes += 2 * _jaxpr_bytes(jp.jaxpr, max)
+
+    def total(b: int) -> int:
+        xs = jax.ShapeDtypeStruct((b, *ex_shape), dtype)
+        return _jaxpr_bytes(jax.make_jaxpr(apply_fn)(p_abs, xs).jaxpr)
+
+    t1, t2 = total(1), total(2)
+    per_example = t2 - t1 if t2 > t1 else t1
+    per_example += math.prod(ex_shape) * np.dtype(dtype).itemsize
+    return int(param_bytes), int(per_example)
+
+
+def _platform(devices: list) -> str:
+    return devices[0].platform
+
+
+def plan(apply_fn: ApplyFn, params: Any, perturb_fn: PerturbFn | None, x: Any, n_runs: int, *,
+         chunk_size: int | None = None, batch_size: int | None = None,
+         vmap_size: int | None = None, memory_budget: int | None = None,
+         devices: list | None = None, key: jax.Array | None = None) -> Plan:
+    """The layout :func:`evaluate` uses (defaults resolved); see :class:`Plan`.
+
+    Defaults: ``vmap_size`` per backend (:data:`DEFAULT_VMAP_SIZE`);
+    ``batch_size`` so that one vmapped step holds about :data:`STEP_BYTES` of
+    activations, balanced over the dataset; both reduced (batch first) until
+    the group fits ``memory_budget``. ``chunk_size``: about
+    :data:`DEFAULT_N_CHUNKS` chunks of whole groups. None of the defaults
+    depends on the device count or the chunk size, so neither changes results.
+    """
     v.check_int("n_runs", n_runs, 1, None)
     if chunk_size is not None:
         v.check_int("chunk_size", chunk_size, 1, None)
     if batch_size is not None:
         v.check_int("batch_size", batch_size, 1, None)
+    if vmap_size is not None:
+        v.check_int("vmap_size", vmap_size, 1, None)
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+    v.check_int("memory_budget", budget, 1, None)
+    devices = list(jax.local_devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("devices must hold at least one device")
+    n_dev = len(devices)
+    platform = _platform(devices)
+    n = int(np.shape(x)[0])
+    if n < 1:
+        raise ValueError("x must hold at least one example (first dimension >= 1)")
+
+    param_bytes, act_bytes = estimate_bytes(apply_fn, params, perturb_fn, x, key)
+    w = vmap_size or DEFAULT_VMAP_SIZE.get(platform, DEFAULT_VMAP_SIZE_ACCELERATOR)
+    step_bytes = STEP_BYTES.get(platform, STEP_BYTES_ACCELERATOR)
+
+    def fits(w_: int, b_: int) -> bool:
+        return w_ * (param_bytes + b_ * act_bytes) <= budget
+
+    if batch_size is None:
+        b = max(1, min(n, step_bytes // max(1, w * act_bytes)))
+        while b > 1 and not fits(w, b):
+            b = max(1, b // 2)
+        if vmap_size is None:
+            while w > 1 and not fits(w, b):
+                w -= 1
+        b = -(-n // -(-n // b))  # same number of batches, least padding
+    else:
+        b = min(batch_size, n)
+        if vmap_size is None:
+            while w > 1 and not fits(w, b):
+                w -= 1
+    if not fits(w, b):
+        warnings.warn(
+            f"Monte-Carlo working set {w * (param_bytes + b * act_bytes)} bytes "
+            f"(vmap_size={w}, batch_size={b}) exceeds memory_budget={budget}",
+            RuntimeWarning, stacklevel=3)
+
+    n_groups = -(-n_runs // w) + 1
+    if chunk_size is None:
+        gpc = -(-n_groups // DEFAULT_N_CHUNKS)
+    else:
+        gpc = -(-chunk_size // w)
+    gpc = min(-(-gpc // n_dev), -(-n_groups // n_dev)) * n_dev
+    return Plan(n_runs=n_runs, n_devices=n_dev, vmap_size=w, n_groups=n_groups,
+                groups_per_chunk=gpc, chunk_size=gpc * w,
+                compiled_groups=max(gpc, 2 * n_dev), n_chunks=-(-n_groups // gpc),
+                batch_size=b, n_batches=-(-n // b), param_bytes=param_bytes,
+                activation_bytes=act_bytes, group_bytes=w * (param_bytes + b * act_bytes))
+
+
+# ----------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------
+
+def _check_data(apply_fn: ApplyFn, params: Any, x: Any, y: Any) -> None:
+    if np.ndim(x) < 1:
+        raise ValueError(f"x must be an array (n, ...) of examples, got shape {np.shape(x)}")
     if np.ndim(y) != 1:
         raise ValueError(f"y must be a 1-D array of integer labels, got shape {np.shape(y)}")
     if np.shape(x)[0] != np.shape(y)[0]:
@@ -139,86 +387,193 @@ def _check_inputs(apply_fn, params, x, y, n_runs, chunk_size, batch_size) -> Non
                          f"got x {np.shape(x)} and y {np.shape(y)}")
     if np.shape(y)[0] < 1:
         raise ValueError("x and y must hold at least one example")
-    if not np.issubdtype(np.asarray(y).dtype, np.integer):
-        raise ValueError(f"y must hold integer class labels, got dtype {np.asarray(y).dtype}")
-    v.check_finite_tree("params", params)
-    example = jax.ShapeDtypeStruct((1, *np.shape(x)[1:]), jnp.asarray(x).dtype)
-    out = jax.eval_shape(apply_fn, params, example)
-    n_classes = out.shape[-1]
     y_np = np.asarray(y)
+    if not np.issubdtype(y_np.dtype, np.integer):
+        raise ValueError(f"y must hold integer class labels, got dtype {y_np.dtype}")
+    v.check_finite_tree("params", params)
+    example = jax.ShapeDtypeStruct((1, *np.shape(x)[1:]), jnp.asarray(x[:1]).dtype)
+    out = jax.eval_shape(apply_fn, _abstract(params), example)
+    if len(out.shape) != 2 or out.shape[0] != 1:
+        raise ValueError(f"apply_fn must return logits (n, C), got shape {out.shape} for n=1")
+    n_classes = out.shape[-1]
     if y_np.min() < 0 or y_np.max() >= n_classes:
         raise ValueError(f"y must hold labels in [0, {n_classes - 1}] (apply_fn gives "
                          f"{n_classes} logits), got range [{y_np.min()}, {y_np.max()}]")
 
 
+# ----------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------
+
+def _run_metrics(apply_fn: ApplyFn, loss_fn: LossFn, params: Any, xb: jax.Array,
+                 yb: jax.Array, mb: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(correct count int32, summed loss float32) of one run over the batches.
+
+    ``xb (n_batches, B, ...)``, ``yb (n_batches, B)``, ``mb`` the bool mask of
+    real (not padding) examples, same shape as ``yb``.
+    """
+
+    def step(carry, batch):
+        x, y, m = batch
+        logits = apply_fn(params, x)
+        correct = jnp.sum((jnp.argmax(logits, axis=-1) == y) & m, dtype=jnp.int32)
+        loss = jnp.sum(jnp.where(m, loss_fn(logits, y).astype(jnp.float32), 0.0))
+        return (carry[0] + correct, carry[1] + loss), None
+
+    init = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+    (correct, loss), _ = lax.scan(step, init, (xb, yb, mb))
+    return correct, loss
+
+
+def _device_fn(apply_fn: ApplyFn, perturb_fn: PerturbFn, loss_fn: LossFn, vmap_size: int):
+    """Per-device body: loop over this device's groups of ``vmap_size`` runs."""
+
+    def one_run(key, clean, params, xb, yb, mb):
+        noisy = perturb_fn(key, params)
+        q = jax.tree.map(lambda p, n: jnp.where(clean, jnp.asarray(p).astype(n.dtype), n),
+                         params, noisy)
+        return _run_metrics(apply_fn, loss_fn, q, xb, yb, mb)
+
+    group_fn = jax.vmap(one_run, in_axes=(0, 0, None, None, None, None))
+
+    def body(keys, clean, n_groups, params, xb, yb, mb):
+        g_max = keys.shape[0] // vmap_size
+        keys = keys.reshape(g_max, vmap_size, *keys.shape[1:])
+        clean = clean.reshape(g_max, vmap_size)
+
+        def loop(g, acc):
+            c, l = group_fn(keys[g], clean[g], params, xb, yb, mb)
+            return acc[0].at[g].set(c), acc[1].at[g].set(l)
+
+        init = (jnp.zeros((g_max, vmap_size), jnp.int32),
+                jnp.zeros((g_max, vmap_size), jnp.float32))
+        correct, loss = lax.fori_loop(0, n_groups[0], loop, init)
+        return correct.reshape(-1), loss.reshape(-1)
+
+    return body
+
+
+@functools.lru_cache(maxsize=32)
+def _chunk_fn(apply_fn: ApplyFn, perturb_fn: PerturbFn, loss_fn: LossFn, vmap_size: int,
+              devices: tuple) -> tuple[Callable, Mesh]:
+    """The jitted, sharded chunk program (cached, so repeated evaluations of the
+    same functions compile once)."""
+    mesh = Mesh(np.array(devices), (_AXIS,))
+    fn = jax.jit(jax.shard_map(
+        _device_fn(apply_fn, perturb_fn, loss_fn, vmap_size), mesh=mesh,
+        in_specs=(PartitionSpec(_AXIS),) * 3 + (PartitionSpec(),) * 4,
+        out_specs=(PartitionSpec(_AXIS), PartitionSpec(_AXIS)), check_vma=False))
+    return fn, mesh
+
+
+def _batches(x: jax.Array, y: jax.Array, batch_size: int):
+    """``(n_batches, B, ...)`` inputs, labels and real-example mask (last batch padded)."""
+    n = x.shape[0]
+    nb = -(-n // batch_size)
+    pad = nb * batch_size - n
+    mask = np.ones(nb * batch_size, bool)
+    if pad:
+        x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad, *x.shape[1:]))])
+        y = jnp.concatenate([y, jnp.broadcast_to(y[:1], (pad,))])
+        mask[n:] = False
+    return (x.reshape(nb, batch_size, *x.shape[1:]), y.reshape(nb, batch_size),
+            jnp.asarray(mask.reshape(nb, batch_size)))
+
+
 def evaluate(key: jax.Array, apply_fn: ApplyFn, params: Any, perturb_fn: PerturbFn,
              x: Any, y: Any, n_runs: int, *, chunk_size: int | None = None,
              batch_size: int | None = None, loss_fn: LossFn | None = None,
-             progress: bool = False) -> MCResult:
+             vmap_size: int | None = None, memory_budget: int | None = None,
+             progress: bool | None = None) -> MCResult:
     """Monte-Carlo accuracy and loss of ``apply_fn`` under ``perturb_fn``.
 
     Args:
       key: PRNG key; run ``i`` uses ``jax.random.split(key, n_runs)[i]``.
-      apply_fn: ``apply_fn(params, x) -> logits`` (pure, vmappable).
-      params: the clean parameter pytree.
+      apply_fn: ``apply_fn(params, x) -> logits (n, C)``, pure and vmappable.
+      params: the clean parameter pytree (finite).
       perturb_fn: ``perturb_fn(key, params) -> params``, pure and vmappable
         over ``key`` (e.g. :func:`swimjax.perturbation.make_perturb_fn`).
-      x: inputs ``(n, ...)``; y: integer labels ``(n,)``.
+      x: inputs ``(n, ...)``; y: integer labels ``(n,)`` in ``[0, C)``.
       n_runs: number of Monte-Carlo runs (>= 1).
-      chunk_size: runs per vmapped chunk (>= 1; rounded up to a multiple of
-        the local device count). Default: from a memory estimate.
-      batch_size: examples per forward pass inside a run (default: all at once).
-      loss_fn: per-example loss ``(logits, labels) -> (n,)``; default softmax CE.
-      progress: show a progress bar over chunks.
+      chunk_size: runs per dispatched call (>= 1). Default: about
+        :data:`DEFAULT_N_CHUNKS` chunks. Does not change results.
+      batch_size: examples per forward pass (>= 1). Default: from the memory
+        estimate (see :func:`plan`).
+      loss_fn: per-example loss ``(logits, labels) -> (n,)``; default
+        :func:`softmax_cross_entropy`.
+      vmap_size: runs vmapped together on a device (>= 1); default per backend.
+      memory_budget: bytes per device for one vmapped group (default
+        :data:`DEFAULT_MEMORY_BUDGET`).
+      progress: progress bar over chunks: ``True``/``False``, or ``None`` (the
+        default) for one on a terminal only.
 
     Returns:
       :class:`MCResult`.
 
     Raises:
-      ValueError: ``n_runs < 1``, ``chunk_size < 1``, x/y mismatch, labels out
-        of range of the logits, NaN/Inf in ``params``.
+      ValueError: ``n_runs < 1``, ``chunk_size``/``batch_size``/``vmap_size``
+        ``< 1``, x/y mismatch, non-integer labels or labels out of range of the
+        logits, NaN/Inf in ``params``.
     """
-    _check_inputs(apply_fn, params, x, y, n_runs, chunk_size, batch_size)
+    v.check_int("n_runs", n_runs, 1, None)
+    if chunk_size is not None:
+        v.check_int("chunk_size", chunk_size, 1, None)
+    _check_data(apply_fn, params, x, y)
     loss_fn = loss_fn or softmax_cross_entropy
-    x = jnp.asarray(x)
-    y = jnp.asarray(y)
-    n = int(y.shape[0])
-
     devices = jax.local_devices()
-    n_dev = len(devices)
-    mesh = Mesh(np.array(devices), ("runs",))
-    run_sharding = NamedSharding(mesh, PartitionSpec("runs"))
+    pl = plan(apply_fn, params, perturb_fn, x, n_runs, chunk_size=chunk_size,
+              batch_size=batch_size, vmap_size=vmap_size, memory_budget=memory_budget,
+              devices=devices, key=key)
+    n = int(np.shape(y)[0])
+    w, n_dev = pl.vmap_size, pl.n_devices
+    gpc, g_comp = pl.groups_per_chunk, pl.compiled_groups
+    per_dev = g_comp // n_dev
+
+    chunk_fn, mesh = _cached(_chunk_fn, apply_fn, perturb_fn, loss_fn, w, tuple(devices))
+    runs = NamedSharding(mesh, PartitionSpec(_AXIS))
     replicated = NamedSharding(mesh, PartitionSpec())
-    if chunk_size is None:
-        chunk = default_chunk_size(params, x, n_runs, n_dev)
-    else:
-        chunk = -(-chunk_size // n_dev) * n_dev
 
-    def run(k, params, x, y):
-        return _metrics(apply_fn, loss_fn, perturb_fn(k, params), x, y, batch_size)
+    xb, yb, mb = _batches(jnp.asarray(x), jnp.asarray(y), pl.batch_size)
+    params_r, xb, yb, mb = jax.device_put((params, xb, yb, mb), replicated)
 
-    chunk_fn = jax.jit(jax.vmap(run, in_axes=(0, None, None, None)),
-                       in_shardings=(run_sharding, replicated, replicated, replicated),
-                       out_shardings=(run_sharding, run_sharding))
-    clean_fn = jax.jit(lambda p, x, y: _metrics(apply_fn, loss_fn, p, x, y, batch_size))
+    # Slot layout: group g holds slots [g*w, (g+1)*w); run i is slot i; padding
+    # slots of the last noisy group reuse the last key; the final group is clean.
+    n_slots = pl.n_chunks * gpc * w
+    slot_key = np.minimum(np.arange(n_slots), n_runs - 1)
+    clean = np.zeros(n_slots, bool)
+    clean[(pl.n_groups - 1) * w:] = True
+    slot_keys = jax.random.split(key, n_runs)[slot_key]
+    # Device d of a call takes groups [d*gpc/n_dev, (d+1)*gpc/n_dev) of the chunk,
+    # laid out in its first per_dev compiled groups.
+    valid_per_dev = gpc // n_dev
+    layout = (np.arange(n_dev)[:, None] * valid_per_dev
+              + np.minimum(np.arange(per_dev), valid_per_dev - 1)[None, :]).reshape(-1)
+    slot_in_call = (layout[:, None] * w + np.arange(w)[None, :]).reshape(-1)
 
-    keys = jax.random.split(key, n_runs)
-    params_r, x_r, y_r = jax.device_put((params, x, y), replicated)
-    correct = np.zeros(n_runs, np.int64)
-    loss = np.zeros(n_runs, np.float64)
-    starts = range(0, n_runs, chunk)
-    if progress:
+    correct = np.zeros(n_slots, np.int64)
+    loss = np.zeros(n_slots, np.float64)
+    chunks = range(pl.n_chunks)
+    if progress is not False:
         from tqdm.auto import tqdm
-        starts = tqdm(starts, desc="Monte-Carlo", unit="chunk", leave=False)
-    for s in starts:
-        e = min(s + chunk, n_runs)
-        k = keys[s:e]
-        if e - s < chunk:  # pad the last chunk (extra runs are dropped)
-            k = jnp.concatenate([k, jnp.broadcast_to(k[-1:], (chunk - (e - s),) + k.shape[1:])])
-        c, l = chunk_fn(jax.device_put(k, run_sharding), params_r, x_r, y_r)
-        correct[s:e] = np.asarray(c)[: e - s]
-        loss[s:e] = np.asarray(l)[: e - s]
-    c0, l0 = clean_fn(params_r, x_r, y_r)
-    accuracy = correct / n
-    return MCResult(accuracy=accuracy, loss=loss / n, clean_accuracy=float(c0) / n,
-                    clean_loss=float(l0) / n, summary=summarize(accuracy))
+        chunks = tqdm(chunks, desc="Monte-Carlo", unit="chunk", leave=False,
+                      disable=None if progress is None else False)
+    for c in chunks:
+        g0 = c * gpc
+        m = min(gpc, pl.n_groups - g0)  # valid groups in this call
+        idx = g0 * w + slot_in_call
+        n_run_groups = np.clip(m - valid_per_dev * np.arange(n_dev), 0, valid_per_dev)
+        cr, ls = chunk_fn(jax.device_put(slot_keys[idx], runs),
+                          jax.device_put(clean[idx], runs),
+                          jax.device_put(n_run_groups.astype(np.int32), runs),
+                          params_r, xb, yb, mb)
+        cr, ls = np.asarray(cr), np.asarray(ls)
+        for d in range(n_dev):  # copy back the groups each device ran
+            k = int(n_run_groups[d]) * w
+            src = slice(d * per_dev * w, d * per_dev * w + k)
+            dst = slice((g0 + d * valid_per_dev) * w, (g0 + d * valid_per_dev) * w + k)
+            correct[dst], loss[dst] = cr[src], ls[src]
+    c0 = (pl.n_groups - 1) * w
+    accuracy = correct[:n_runs] / n
+    return MCResult(accuracy=accuracy, loss=loss[:n_runs] / n,
+                    clean_accuracy=float(correct[c0]) / n, clean_loss=float(loss[c0]) / n,
+                    summary=summarize(accuracy))

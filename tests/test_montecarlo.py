@@ -1,0 +1,272 @@
+"""Tests of swimjax.montecarlo: exactness against a per-run loop, determinism
+across chunk sizes and device counts, summary statistics, input checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from swimjax import montecarlo as mc
+
+N_EX = 90          # examples
+N_RUNS = 20
+SIGMA = 0.3        # relative weight noise: large enough to move accuracies
+
+
+def _init(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {
+        "conv": {"kernel": 0.5 * jax.random.normal(k1, (3, 3, 1, 4)), "bias": jnp.zeros(4)},
+        "dense": {"kernel": 0.2 * jax.random.normal(k2, (4 * 4 * 4, 10)),
+                  "bias": 0.1 * jax.random.normal(k3, (10,))},
+    }
+
+
+def apply_fn(params, x):
+    """Tiny CNN: conv 1->4 3x3 SAME + ReLU + 2x2 max-pool + dense 64->10 on 8x8x1."""
+    h = jax.lax.conv_general_dilated(x, params["conv"]["kernel"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.nn.relu(h + params["conv"]["bias"])
+    h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    return h.reshape(h.shape[0], -1) @ params["dense"]["kernel"] + params["dense"]["bias"]
+
+
+def gaussian_perturb(key, params, sigma=SIGMA):
+    """W + sigma * max|W| * N(0, 1) on every kernel (ndim >= 2); biases exact."""
+    leaves, treedef = jax.tree.flatten(params)
+    out = []
+    for i, w in enumerate(leaves):
+        if w.ndim >= 2:
+            # Drawn flat (same values, much faster to compile on XLA CPU than rank 4).
+            eps = jax.random.normal(jax.random.fold_in(key, i), (w.size,), w.dtype)
+            eps = eps.reshape(w.shape)
+            w = w + sigma * jnp.max(jnp.abs(w)) * eps
+        out.append(w)
+    return treedef.unflatten(out)
+
+
+def identity_perturb(key, params):
+    del key
+    return params
+
+
+@pytest.fixture(scope="module")
+def problem():
+    params = _init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (N_EX, 8, 8, 1))
+    # Labels from a slightly different network: clean accuracy well above chance.
+    teacher = gaussian_perturb(jax.random.key(2), params, 0.1)
+    y = jnp.argmax(apply_fn(teacher, x), -1).astype(jnp.int32)
+    return params, x, y
+
+
+def _reference(key, params, x, y, n_runs):
+    """Plain Python loop: per-run perturbation with the same keys, then apply."""
+    f = jax.jit(lambda k: apply_fn(gaussian_perturb(k, params), x))
+    acc, loss = [], []
+    for k in jax.random.split(key, n_runs):
+        logits = f(k)
+        acc.append(float(np.mean(np.asarray(jnp.argmax(logits, -1)) == np.asarray(y))))
+        loss.append(float(np.mean(np.asarray(mc.softmax_cross_entropy(logits, y)))))
+    return np.array(acc), np.array(loss)
+
+
+@pytest.fixture(scope="module")
+def base_result(problem):
+    params, x, y = problem
+    return mc.evaluate(jax.random.key(7), apply_fn, params, gaussian_perturb, x, y, N_RUNS,
+                       progress=False)
+
+
+def test_matches_python_loop_reference(problem, base_result):
+    params, x, y = problem
+    acc, loss = _reference(jax.random.key(7), params, x, y, N_RUNS)
+    np.testing.assert_array_equal(base_result.accuracy, acc)
+    np.testing.assert_allclose(base_result.loss, loss, rtol=1e-5, atol=1e-6)
+    # The noise matters (otherwise the comparison above would be vacuous).
+    assert len(np.unique(acc)) > 3
+    assert base_result.summary.std > 0
+
+
+def test_batched_dataset_matches_reference(problem):
+    params, x, y = problem
+    # 90 examples in batches of 7: 13 batches, the last one 6 real + 1 masked padding.
+    res = mc.evaluate(jax.random.key(7), apply_fn, params, gaussian_perturb, x, y, 6,
+                      batch_size=7, vmap_size=3, progress=False)
+    acc, loss = _reference(jax.random.key(7), params, x, y, 6)
+    np.testing.assert_array_equal(res.accuracy, acc)
+    np.testing.assert_allclose(res.loss, loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, N_RUNS])
+def test_identical_across_chunk_sizes(problem, base_result, chunk_size):
+    params, x, y = problem
+    res = mc.evaluate(jax.random.key(7), apply_fn, params, gaussian_perturb, x, y, N_RUNS,
+                      chunk_size=chunk_size, progress=False)
+    np.testing.assert_array_equal(res.accuracy, base_result.accuracy)
+    np.testing.assert_array_equal(res.loss, base_result.loss)  # bit-identical, by design
+    assert res.clean_accuracy == base_result.clean_accuracy
+    assert res.clean_loss == base_result.clean_loss
+
+
+def test_same_key_same_result_other_key_differs(problem, base_result):
+    params, x, y = problem
+    again = mc.evaluate(jax.random.key(7), apply_fn, params, gaussian_perturb, x, y, N_RUNS,
+                        progress=False)
+    np.testing.assert_array_equal(again.loss, base_result.loss)
+    other = mc.evaluate(jax.random.key(8), apply_fn, params, gaussian_perturb, x, y, N_RUNS,
+                        progress=False)
+    assert not np.array_equal(other.loss, base_result.loss)
+
+
+def test_clean_equals_identity_perturbation(problem, base_result):
+    params, x, y = problem
+    res = mc.evaluate(jax.random.key(3), apply_fn, params, identity_perturb, x, y, 5,
+                      progress=False)
+    np.testing.assert_array_equal(res.accuracy, np.full(5, res.clean_accuracy))
+    np.testing.assert_array_equal(res.loss, np.full(5, res.clean_loss))
+    assert res.clean_accuracy == base_result.clean_accuracy
+    assert res.clean_loss == base_result.clean_loss
+    logits = apply_fn(params, x)
+    assert res.clean_accuracy == float(np.mean(np.asarray(jnp.argmax(logits, -1) == y)))
+    np.testing.assert_allclose(res.clean_loss, float(jnp.mean(mc.softmax_cross_entropy(
+        logits, y))), rtol=1e-5)
+    assert res.clean_accuracy > 0.5
+
+
+def test_raw_uint32_keys_and_custom_loss(problem):
+    params, x, y = problem
+    key = jax.random.PRNGKey(7)
+    res = mc.evaluate(key, apply_fn, params, gaussian_perturb, x, y, 4,
+                      loss_fn=lambda logits, labels: jnp.zeros(labels.shape), progress=True)
+    acc, _ = _reference(key, params, x, y, 4)
+    np.testing.assert_array_equal(res.accuracy, acc)
+    np.testing.assert_array_equal(res.loss, np.zeros(4))
+
+
+_DEVICE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    sys.path.insert(0, {tests_dir!r})
+    import test_montecarlo as t
+    from swimjax import montecarlo as mc
+    params = t._init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (t.N_EX, 8, 8, 1))
+    y = jax.numpy.argmax(t.apply_fn(t.gaussian_perturb(jax.random.key(2), params, 0.1), x),
+                         -1).astype(jax.numpy.int32)
+    res = mc.evaluate(jax.random.key(7), t.apply_fn, params, t.gaussian_perturb, x, y,
+                      t.N_RUNS, chunk_size=7, progress=False)
+    print(json.dumps(dict(n_devices=len(jax.devices()), accuracy=res.accuracy.tolist(),
+                          loss=res.loss.tolist(), clean=[res.clean_accuracy, res.clean_loss])))
+""")
+
+
+def _run_with_devices(n: int) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+    script = _DEVICE_SCRIPT.format(tests_dir=os.path.dirname(__file__))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_identical_across_device_counts(base_result):
+    one, eight = _run_with_devices(1), _run_with_devices(8)
+    assert (one["n_devices"], eight["n_devices"]) == (1, 8)
+    assert one["accuracy"] == eight["accuracy"]
+    assert one["loss"] == eight["loss"]
+    assert one["clean"] == eight["clean"]
+    np.testing.assert_array_equal(one["accuracy"], base_result.accuracy)
+
+
+def test_summarize_against_numpy():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0.5, 1.0, size=37)
+    s = mc.summarize(a)
+    std = np.std(a, ddof=1)
+    assert s.n_runs == 37
+    np.testing.assert_allclose(s.mean, np.mean(a), rtol=1e-12)
+    np.testing.assert_allclose(s.std, std, rtol=1e-12)
+    np.testing.assert_allclose(s.sem, std / np.sqrt(37), rtol=1e-12)
+    np.testing.assert_allclose(s.p1, np.percentile(a, 1, method="linear"), rtol=1e-12)
+    np.testing.assert_allclose(s.p5, np.percentile(a, 5, method="linear"), rtol=1e-12)
+    # Linear interpolation by hand: rank 0.05 * 36 = 1.8 between sorted[1] and sorted[2].
+    srt = np.sort(a)
+    np.testing.assert_allclose(s.p5, srt[1] + 0.8 * (srt[2] - srt[1]), rtol=1e-12)
+    assert (s.min, s.max) == (srt[0], srt[-1])
+    one = mc.summarize([0.9])
+    assert (one.std, one.sem, one.p1, one.min, one.n_runs) == (0.0, 0.0, 0.9, 0.9, 1)
+    with pytest.raises(ValueError, match="accuracy"):
+        mc.summarize([])
+
+
+def test_summary_of_result(base_result):
+    s = mc.summarize(base_result.accuracy)
+    assert s == base_result.summary
+    assert s.min <= s.p1 <= s.p5 <= s.mean <= s.max
+
+
+def test_plan_memory_budget_and_padding(problem):
+    params, x, _ = problem
+    p = mc.plan(apply_fn, params, gaussian_perturb, x, 10, chunk_size=3, vmap_size=2)
+    assert p.n_groups == 5 + 1  # 10 runs in groups of 2, plus the clean group
+    assert p.groups_per_chunk % p.n_devices == 0
+    assert p.chunk_size == p.groups_per_chunk * 2 >= 3
+    assert p.compiled_groups >= max(p.groups_per_chunk, 2 * p.n_devices)
+    assert p.n_chunks == -(-6 // p.groups_per_chunk)
+    assert p.batch_size * p.n_batches >= N_EX
+    assert p.group_bytes == p.vmap_size * (p.param_bytes + p.batch_size * p.activation_bytes)
+    # The per-example activation estimate covers at least the conv output.
+    assert p.activation_bytes >= 8 * 8 * 4 * 4
+    tight = mc.plan(apply_fn, params, gaussian_perturb, x, 10,
+                    memory_budget=4 * (p.param_bytes + 5 * p.activation_bytes))
+    assert tight.group_bytes <= 4 * (p.param_bytes + 5 * p.activation_bytes)
+    assert tight.batch_size <= 5 or tight.vmap_size < 4
+    with pytest.warns(RuntimeWarning, match="memory_budget"):
+        mc.plan(apply_fn, params, gaussian_perturb, x, 10, vmap_size=4, batch_size=N_EX,
+                memory_budget=1000)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n_runs=0), "n_runs"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(vmap_size=0), "vmap_size"),
+    (dict(memory_budget=0), "memory_budget"),
+])
+def test_bad_sizes_raise(problem, kwargs, match):
+    params, x, y = problem
+    args = dict(n_runs=4)
+    args.update(kwargs)
+    n_runs = args.pop("n_runs")
+    with pytest.raises(ValueError, match=match):
+        mc.evaluate(jax.random.key(0), apply_fn, params, gaussian_perturb, x, y, n_runs,
+                    progress=False, **args)
+
+
+def test_bad_data_raise(problem):
+    params, x, y = problem
+    k = jax.random.key(0)
+    with pytest.raises(ValueError, match="x and y"):
+        mc.evaluate(k, apply_fn, params, gaussian_perturb, x, y[:-1], 2)
+    with pytest.raises(ValueError, match=r"y must hold labels in \[0, 9\]"):
+        mc.evaluate(k, apply_fn, params, gaussian_perturb, x, y.at[0].set(10), 2)
+    with pytest.raises(ValueError, match="y must hold integer"):
+        mc.evaluate(k, apply_fn, params, gaussian_perturb, x, y.astype(jnp.float32), 2)
+    with pytest.raises(ValueError, match="y must be a 1-D"):
+        mc.evaluate(k, apply_fn, params, gaussian_perturb, x, y[:, None], 2)
+    bad = jax.tree.map(lambda a: a, params)
+    bad["dense"]["kernel"] = bad["dense"]["kernel"].at[0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"params.*dense.*kernel.*finite"):
+        mc.evaluate(k, apply_fn, bad, gaussian_perturb, x, y, 2)
+    bad["dense"]["kernel"] = params["dense"]["kernel"].at[0, 0].set(jnp.inf)
+    with pytest.raises(ValueError, match="params"):
+        mc.evaluate(k, apply_fn, bad, gaussian_perturb, x, y, 2)
