@@ -59,7 +59,7 @@ per-run time; 1000-image steps are slower (cache). Threefry normals for the
 small convolutions on about one core; to use every core, start the process
 with one CPU device per core (``XLA_FLAGS=--xla_force_host_platform_device_count=N``,
 set by the user before JAX starts; this module never sets flags) and the runs
-are sharded over them (~1.6x on 2 cores).
+are sharded over them (~1.5x on 2 cores).
 """
 
 from __future__ import annotations
