@@ -346,6 +346,8 @@ def _run_points(config: SweepConfig, out_dir: str, res: results.ResultsFile,
 
     masked_apply, masked_perturb = masked_model(config, apply_fn, selected)
     evaluated: dict[str, montecarlo.MCResult] = {}
+    n_mapped = sum(int(np.size(p)) for p, s in zip(jax.tree.leaves(params),
+                                                    jax.tree.leaves(selected)) if s)
     scores: dict[str, Any] = {}
     # The quadratic model's predicted loss increase uses one curvature for all
     # methods (SWIM's Gauss-Newton diagonal), so rows are comparable.
@@ -356,8 +358,6 @@ def _run_points(config: SweepConfig, out_dir: str, res: results.ResultsFile,
         if method not in scores:
             scores[method] = _score(method, k_score, apply_fn, params, batches)
         mask = _select(method, scores[method], budget, sigma_u, sigma_v, params, selected)
-        n_mapped = sum(int(np.size(p)) for p, s in zip(jax.tree.leaves(params),
-                                                        jax.tree.leaves(selected)) if s)
         n_verified = sum(int(np.sum(m)) for m, s in zip(jax.tree.leaves(mask),
                                                          jax.tree.leaves(selected)) if s)
         nwc = n_verified / n_mapped
