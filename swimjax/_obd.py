@@ -45,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
+from swimjax import _jaxpr
+
 Array = jax.Array
 
 
@@ -56,18 +58,7 @@ class UnsupportedPrimitiveError(ValueError):
 # Primitive tables
 # --------------------------------------------------------------------------
 
-# Call-like primitives whose body is inlined: name -> param holding the body.
-_CALL_PARAMS: dict[str, str] = {
-    "jit": "jaxpr",
-    "pjit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr",
-    "remat2": "jaxpr",
-    "checkpoint": "jaxpr",
-}
+_CALL_PARAMS = _jaxpr.CALL_PARAMS
 
 # Linear in their floating operands with Jacobian entries in {0, 1}: the VJP
 # itself propagates S (J**2 == J). reduce_window_max/min route to the winner.
@@ -89,16 +80,10 @@ _BILINEAR = frozenset({"dot_general", "conv_general_dilated"})
 
 # Elementwise primitives (numpy-style broadcasting of size-1 / rank-0 operands):
 # S_k = sum over broadcast axes of (d y / d x_k)^2 * S_y.
-_ELEMENTWISE = frozenset({
-    "add", "add_any", "sub", "mul", "div", "neg", "exp", "exp2", "log", "log1p",
-    "expm1", "tanh", "logistic", "sqrt", "rsqrt", "cbrt", "integer_pow", "pow",
-    "square", "abs", "sign", "erf", "erfc", "erf_inv", "sin", "cos", "tan",
-    "atan", "atan2", "sinh", "cosh", "asinh", "acosh", "atanh", "asin", "acos",
-    "clamp", "floor", "ceil", "round", "rem", "lgamma", "digamma",
-})
+_ELEMENTWISE = _jaxpr.ELEMENTWISE_MATH
 
 # max/min: 0/1 masks (ReLU convention at ties).
-_MAXMIN = frozenset({"max", "min"})
+_MAXMIN = _jaxpr.MAXMIN
 
 # No derivative flows through these.
 _BLOCKING = frozenset({"stop_gradient"})
@@ -184,18 +169,7 @@ def _eval_primitive(eqn, invals: list[Any]) -> list[Any]:
     return list(outs) if eqn.primitive.multiple_results else [outs]
 
 
-def _inner_closed(eqn) -> tuple[Any, list[Any]] | None:
-    """(open jaxpr, consts) of an inlinable call primitive, else None."""
-    name = eqn.primitive.name
-    key = _CALL_PARAMS.get(name)
-    if key is None or key not in eqn.params:
-        return None
-    inner = eqn.params[key]
-    if isinstance(inner, jcore.ClosedJaxpr):
-        return inner.jaxpr, list(inner.consts)
-    if isinstance(inner, jcore.Jaxpr):
-        return inner, []
-    return None
+_inner_closed = _jaxpr.inner_closed
 
 
 def _run(tape: Tape, jaxpr, consts: Sequence[Any], arg_ids: Sequence[int]) -> list[int]:

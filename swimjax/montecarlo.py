@@ -77,6 +77,7 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from swimjax import _runbatch
 from swimjax import _validation as v
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
@@ -92,6 +93,9 @@ DEFAULT_VMAP_SIZE_ACCELERATOR = 32
 #: cache-sized on CPU (larger steps were slower there), large on accelerators.
 STEP_BYTES = {"cpu": 32 * 2**20}
 STEP_BYTES_ACCELERATOR = 2**30
+#: How a group of runs goes through ``apply_fn`` (see :class:`Plan`).
+LOWERINGS = ("gemm", "vmap")
+DEFAULT_LOWERING = "gemm"
 #: Chunks a default-sized evaluation is cut into (progress granularity).
 DEFAULT_N_CHUNKS = 10
 _AXIS = "runs"
@@ -162,6 +166,9 @@ class Plan:
         intermediate of ``apply_fn`` counted, an upper bound).
       group_bytes: ``vmap_size * (param_bytes + batch_size *
         activation_bytes)``, the per-device working set held under the budget.
+      lowering: how a group's forward pass is built: ``"gemm"`` (per-run
+        convolutions as im2col + matrix products, see :mod:`swimjax._runbatch`)
+        or ``"vmap"`` (``jax.vmap`` of ``apply_fn``).
     """
 
     n_runs: int
@@ -177,6 +184,7 @@ class Plan:
     param_bytes: int
     activation_bytes: int
     group_bytes: int
+    lowering: str = "gemm"
 
 
 # ----------------------------------------------------------------------------
@@ -249,14 +257,16 @@ def _abstract(tree: Any) -> Any:
 
 
 def estimate_bytes(apply_fn: ApplyFn, params: Any, perturb_fn: PerturbFn | None, x: Any,
-                   key: jax.Array | None = None) -> tuple[int, int]:
+                   key: jax.Array | None = None,
+                   lowering: str = DEFAULT_LOWERING) -> tuple[int, int]:
     """Estimated ``(bytes per run, activation bytes per example)``.
 
     Per run: the perturbed parameters plus twice the largest single value
     ``perturb_fn`` creates (a draw and its transform; XLA fuses the elementwise
     chains, so summing every temporary would overestimate several-fold). Per
     example: the difference of the jaxpr totals of
-    ``apply_fn`` on 2 and on 1 example (every intermediate counted, so an upper
+    ``apply_fn`` (as ``lowering`` builds it for one run, im2col patches
+    included) on 2 and on 1 example (every intermediate counted, so an upper
     bound of what is live at once) plus the example itself. Cached on the
     functions and the shapes.
     """
@@ -265,7 +275,7 @@ def estimate_bytes(apply_fn: ApplyFn, params: Any, perturb_fn: PerturbFn | None,
     p_sig = (treedef, tuple((np.shape(a), jnp.asarray(a).dtype) for a in leaves))
     x_dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
     return _cached(_estimate_bytes, apply_fn, perturb_fn, p_sig, tuple(np.shape(x)[1:]),
-                   jnp.dtype(x_dtype), (np.shape(k), k.dtype))
+                   jnp.dtype(x_dtype), (np.shape(k), k.dtype), lowering)
 
 
 def _cached(fn: Any, *args: Any) -> Any:
@@ -280,7 +290,8 @@ def _cached(fn: Any, *args: Any) -> Any:
 
 @functools.lru_cache(maxsize=64)
 def _estimate_bytes(apply_fn: ApplyFn, perturb_fn: PerturbFn | None, p_sig: tuple,
-                    ex_shape: tuple, dtype: Any, key_sig: tuple) -> tuple[int, int]:
+                    ex_shape: tuple, dtype: Any, key_sig: tuple,
+                    lowering: str) -> tuple[int, int]:
     treedef, leaves = p_sig
     p_abs = treedef.unflatten([jax.ShapeDtypeStruct(s, d) for s, d in leaves])
     param_bytes = _tree_bytes(p_abs)
@@ -291,7 +302,8 @@ def _estimate_bytes(apply_fn: ApplyFn, perturb_fn: PerturbFn | None, p_sig: tupl
 
     def total(b: int) -> int:
         xs = jax.ShapeDtypeStruct((b, *ex_shape), dtype)
-        return _jaxpr_bytes(jax.make_jaxpr(apply_fn)(p_abs, xs).jaxpr)
+        p_one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape), a.dtype), p_abs)
+        return _jaxpr_bytes(jax.make_jaxpr(_batched_apply(apply_fn, lowering))(p_one, xs).jaxpr)
 
     t1, t2 = total(1), total(2)
     per_example = t2 - t1 if t2 > t1 else t1
@@ -306,7 +318,8 @@ def _platform(devices: list) -> str:
 def plan(apply_fn: ApplyFn, params: Any, perturb_fn: PerturbFn | None, x: Any, n_runs: int, *,
          chunk_size: int | None = None, batch_size: int | None = None,
          vmap_size: int | None = None, memory_budget: int | None = None,
-         devices: list | None = None, key: jax.Array | None = None) -> Plan:
+         devices: list | None = None, key: jax.Array | None = None,
+         lowering: str | None = None) -> Plan:
     """The layout :func:`evaluate` uses (defaults resolved); see :class:`Plan`.
 
     Defaults: ``vmap_size`` per backend (:data:`DEFAULT_VMAP_SIZE`);
@@ -323,6 +336,8 @@ def plan(apply_fn: ApplyFn, params: Any, perturb_fn: PerturbFn | None, x: Any, n
         v.check_int("batch_size", batch_size, 1, None)
     if vmap_size is not None:
         v.check_int("vmap_size", vmap_size, 1, None)
+    lowering = DEFAULT_LOWERING if lowering is None else lowering
+    v.check_choice("lowering", lowering, LOWERINGS)
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
     v.check_int("memory_budget", budget, 1, None)
     devices = list(jax.local_devices() if devices is None else devices)
@@ -334,7 +349,7 @@ def plan(apply_fn: ApplyFn, params: Any, perturb_fn: PerturbFn | None, x: Any, n
     if n < 1:
         raise ValueError("x must hold at least one example (first dimension >= 1)")
 
-    param_bytes, act_bytes = estimate_bytes(apply_fn, params, perturb_fn, x, key)
+    param_bytes, act_bytes = estimate_bytes(apply_fn, params, perturb_fn, x, key, lowering)
     w = vmap_size or DEFAULT_VMAP_SIZE.get(platform, DEFAULT_VMAP_SIZE_ACCELERATOR)
     step_bytes = STEP_BYTES.get(platform, STEP_BYTES_ACCELERATOR)
 
@@ -370,7 +385,8 @@ def plan(apply_fn: ApplyFn, params: Any, perturb_fn: PerturbFn | None, x: Any, n
                 groups_per_chunk=gpc, chunk_size=gpc * w,
                 compiled_groups=max(gpc, 2 * n_dev), n_chunks=-(-n_groups // gpc),
                 batch_size=b, n_batches=-(-n // b), param_bytes=param_bytes,
-                activation_bytes=act_bytes, group_bytes=w * (param_bytes + b * act_bytes))
+                activation_bytes=act_bytes, group_bytes=w * (param_bytes + b * act_bytes),
+                lowering=lowering)
 
 
 # ----------------------------------------------------------------------------
@@ -405,36 +421,49 @@ def _check_data(apply_fn: ApplyFn, params: Any, x: Any, y: Any) -> None:
 # Evaluation
 # ----------------------------------------------------------------------------
 
-def _run_metrics(apply_fn: ApplyFn, loss_fn: LossFn, params: Any, xb: jax.Array,
-                 yb: jax.Array, mb: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(correct count int32, summed loss float32) of one run over the batches.
+def _batched_apply(apply_fn: ApplyFn, lowering: str) -> Callable[[Any, jax.Array], jax.Array]:
+    """``(params with a leading run axis R, x) -> logits (R, B, C)``."""
+    if lowering == "gemm":
+        return _runbatch.run_batched(apply_fn)
+    return jax.vmap(apply_fn, in_axes=(0, None))
 
-    ``xb (n_batches, B, ...)``, ``yb (n_batches, B)``, ``mb`` the bool mask of
-    real (not padding) examples, same shape as ``yb``.
+
+def _group_metrics(apply_r: Callable, loss_fn: LossFn, params_r: Any, xb: jax.Array,
+                   yb: jax.Array, mb: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-run (correct count int32, summed loss float32), each ``(R,)``, of a
+    group of runs over the batches.
+
+    ``params_r`` leaves ``(R, ...)``; ``xb (n_batches, B, ...)``, ``yb
+    (n_batches, B)``, ``mb`` the bool mask of real (not padding) examples, same
+    shape as ``yb``.
     """
+    per_run_loss = jax.vmap(loss_fn, in_axes=(0, None))
 
     def step(carry, batch):
         x, y, m = batch
-        logits = apply_fn(params, x)
-        correct = jnp.sum((jnp.argmax(logits, axis=-1) == y) & m, dtype=jnp.int32)
-        loss = jnp.sum(jnp.where(m, loss_fn(logits, y).astype(jnp.float32), 0.0))
+        logits = apply_r(params_r, x)
+        correct = jnp.sum((jnp.argmax(logits, axis=-1) == y) & m, axis=-1, dtype=jnp.int32)
+        loss = jnp.sum(jnp.where(m, per_run_loss(logits, y).astype(jnp.float32), 0.0), axis=-1)
         return (carry[0] + correct, carry[1] + loss), None
 
-    init = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+    w = jax.tree.leaves(params_r)[0].shape[0]
+    init = (jnp.zeros((w,), jnp.int32), jnp.zeros((w,), jnp.float32))
     (correct, loss), _ = lax.scan(step, init, (xb, yb, mb))
     return correct, loss
 
 
-def _device_fn(apply_fn: ApplyFn, perturb_fn: PerturbFn, loss_fn: LossFn, vmap_size: int):
+def _device_fn(apply_fn: ApplyFn, perturb_fn: PerturbFn, loss_fn: LossFn, vmap_size: int,
+               lowering: str):
     """Per-device body: loop over this device's groups of ``vmap_size`` runs."""
+    apply_r = _batched_apply(apply_fn, lowering)
+    perturb_r = jax.vmap(perturb_fn, in_axes=(0, None))
 
-    def one_run(key, clean, params, xb, yb, mb):
-        noisy = perturb_fn(key, params)
-        q = jax.tree.map(lambda p, n: jnp.where(clean, jnp.asarray(p).astype(n.dtype), n),
-                         params, noisy)
-        return _run_metrics(apply_fn, loss_fn, q, xb, yb, mb)
-
-    group_fn = jax.vmap(one_run, in_axes=(0, 0, None, None, None, None))
+    def group_fn(keys, clean, params, xb, yb, mb):
+        noisy = perturb_r(keys, params)
+        q = jax.tree.map(
+            lambda p, n: jnp.where(clean.reshape((-1,) + (1,) * (n.ndim - 1)),
+                                   jnp.asarray(p).astype(n.dtype), n), params, noisy)
+        return _group_metrics(apply_r, loss_fn, q, xb, yb, mb)
 
     def body(keys, clean, n_groups, params, xb, yb, mb):
         g_max = keys.shape[0] // vmap_size
@@ -455,12 +484,12 @@ def _device_fn(apply_fn: ApplyFn, perturb_fn: PerturbFn, loss_fn: LossFn, vmap_s
 
 @functools.lru_cache(maxsize=32)
 def _chunk_fn(apply_fn: ApplyFn, perturb_fn: PerturbFn, loss_fn: LossFn, vmap_size: int,
-              devices: tuple) -> tuple[Callable, Mesh]:
+              lowering: str, devices: tuple) -> tuple[Callable, Mesh]:
     """The jitted, sharded chunk program (cached, so repeated evaluations of the
     same functions compile once)."""
     mesh = Mesh(np.array(devices), (_AXIS,))
     fn = jax.jit(jax.shard_map(
-        _device_fn(apply_fn, perturb_fn, loss_fn, vmap_size), mesh=mesh,
+        _device_fn(apply_fn, perturb_fn, loss_fn, vmap_size, lowering), mesh=mesh,
         in_specs=(PartitionSpec(_AXIS),) * 3 + (PartitionSpec(),) * 4,
         out_specs=(PartitionSpec(_AXIS), PartitionSpec(_AXIS)), check_vma=False))
     return fn, mesh
@@ -484,7 +513,7 @@ def evaluate(key: jax.Array, apply_fn: ApplyFn, params: Any, perturb_fn: Perturb
              x: Any, y: Any, n_runs: int, *, chunk_size: int | None = None,
              batch_size: int | None = None, loss_fn: LossFn | None = None,
              vmap_size: int | None = None, memory_budget: int | None = None,
-             progress: bool | None = None) -> MCResult:
+             progress: bool | None = None, lowering: str | None = None) -> MCResult:
     """Monte-Carlo accuracy and loss of ``apply_fn`` under ``perturb_fn``.
 
     Args:
@@ -506,6 +535,10 @@ def evaluate(key: jax.Array, apply_fn: ApplyFn, params: Any, perturb_fn: Perturb
         :data:`DEFAULT_MEMORY_BUDGET`).
       progress: progress bar over chunks: ``True``/``False``, or ``None`` (the
         default) for one on a terminal only.
+      lowering: ``"gemm"`` (default: per-run convolutions as im2col + matrix
+        products, shared inputs computed once; see :mod:`swimjax._runbatch`)
+        or ``"vmap"`` (``jax.vmap(apply_fn)``). Changes results at float
+        rounding only.
 
     Returns:
       :class:`MCResult`.
@@ -523,13 +556,14 @@ def evaluate(key: jax.Array, apply_fn: ApplyFn, params: Any, perturb_fn: Perturb
     devices = jax.local_devices()
     pl = plan(apply_fn, params, perturb_fn, x, n_runs, chunk_size=chunk_size,
               batch_size=batch_size, vmap_size=vmap_size, memory_budget=memory_budget,
-              devices=devices, key=key)
+              devices=devices, key=key, lowering=lowering)
     n = int(np.shape(y)[0])
     w, n_dev = pl.vmap_size, pl.n_devices
     gpc, g_comp = pl.groups_per_chunk, pl.compiled_groups
     per_dev = g_comp // n_dev
 
-    chunk_fn, mesh = _cached(_chunk_fn, apply_fn, perturb_fn, loss_fn, w, tuple(devices))
+    chunk_fn, mesh = _cached(_chunk_fn, apply_fn, perturb_fn, loss_fn, w, pl.lowering,
+                             tuple(devices))
     runs = NamedSharding(mesh, PartitionSpec(_AXIS))
     replicated = NamedSharding(mesh, PartitionSpec())
 

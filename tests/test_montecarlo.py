@@ -96,6 +96,19 @@ def test_matches_python_loop_reference(problem, base_result):
     assert base_result.summary.std > 0
 
 
+def test_vmap_lowering_matches_reference(problem, base_result):
+    """Both ways of batching runs (im2col GEMMs, the default, and plain vmap)
+    agree with the per-run loop."""
+    params, x, y = problem
+    res = mc.evaluate(jax.random.key(7), apply_fn, params, gaussian_perturb, x, y, N_RUNS,
+                      lowering="vmap", progress=False)
+    acc, loss = _reference(jax.random.key(7), params, x, y, N_RUNS)
+    np.testing.assert_array_equal(res.accuracy, acc)
+    np.testing.assert_allclose(res.loss, loss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res.loss, base_result.loss, rtol=1e-5, atol=1e-6)
+    assert mc.plan(apply_fn, params, gaussian_perturb, x, N_RUNS).lowering == "gemm"
+
+
 def test_batched_dataset_matches_reference(problem):
     params, x, y = problem
     # 90 examples in batches of 7: 13 batches, the last one 6 real + 1 masked padding.
@@ -241,6 +254,7 @@ def test_plan_memory_budget_and_padding(problem):
     (dict(batch_size=0), "batch_size"),
     (dict(vmap_size=0), "vmap_size"),
     (dict(memory_budget=0), "memory_budget"),
+    (dict(lowering="im2col"), r"lowering must be one of \['gemm', 'vmap'\]"),
 ])
 def test_bad_sizes_raise(problem, kwargs, match):
     params, x, y = problem

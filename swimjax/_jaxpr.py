@@ -1,0 +1,57 @@
+"""Shared helpers for the modules that walk jaxprs (:mod:`swimjax._obd`,
+:mod:`swimjax._runbatch`): which primitives are calls to inline, and which
+are elementwise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jax.extend import core as jcore
+
+# Call-like primitives whose body is inlined: name -> param holding the body.
+CALL_PARAMS: dict[str, str] = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+    "remat2": "jaxpr",
+    "checkpoint": "jaxpr",
+}
+
+# Differentiable elementwise primitives (numpy-style broadcasting of size-1 /
+# rank-0 operands), max/min excluded.
+ELEMENTWISE_MATH = frozenset({
+    "add", "add_any", "sub", "mul", "div", "neg", "exp", "exp2", "log", "log1p",
+    "expm1", "tanh", "logistic", "sqrt", "rsqrt", "cbrt", "integer_pow", "pow",
+    "square", "abs", "sign", "erf", "erfc", "erf_inv", "sin", "cos", "tan",
+    "atan", "atan2", "sinh", "cosh", "asinh", "acosh", "atanh", "asin", "acos",
+    "clamp", "floor", "ceil", "round", "rem", "lgamma", "digamma",
+})
+
+MAXMIN = frozenset({"max", "min"})
+
+# Every elementwise primitive: the math ones, max/min, comparisons, logic,
+# selection and casts. Their result does not depend on the memory order of
+# the operands' axes, as long as all operands share it.
+ELEMENTWISE = ELEMENTWISE_MATH | MAXMIN | frozenset({
+    "select_n", "convert_element_type", "reduce_precision", "stop_gradient",
+    "copy", "copy_p", "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not",
+    "xor", "is_finite", "nextafter", "imag", "real", "conj", "population_count",
+    "shift_left", "shift_right_logical", "shift_right_arithmetic",
+})
+
+
+def inner_closed(eqn: Any) -> tuple[Any, list[Any]] | None:
+    """(open jaxpr, consts) of an inlinable call primitive, else None."""
+    key = CALL_PARAMS.get(eqn.primitive.name)
+    if key is None or key not in eqn.params:
+        return None
+    inner = eqn.params[key]
+    if isinstance(inner, jcore.ClosedJaxpr):
+        return inner.jaxpr, list(inner.consts)
+    if isinstance(inner, jcore.Jaxpr):
+        return inner, []
+    return None

@@ -1,0 +1,208 @@
+"""run_batched == jax.vmap(fn, in_axes=(0, None)) for the layouts and
+primitives it rewrites (convolutions with per-run kernels, window reductions,
+elementwise ops in permuted layouts) and the ones it leaves to vmap."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from swimjax._runbatch import run_batched
+from swimjax.models import get_model
+
+R = 3
+
+
+def _runs(tree, key):
+    """R distinct parameter sets around ``tree`` (leading run axis)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    out = [a[None] * (1.0 + 0.2 * jax.random.normal(k, (R, *a.shape), a.dtype))
+           for a, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, out)
+
+
+def _check(fn, params_r, x, rtol=1e-5, atol=1e-5, ref_fn=None):
+    ref = jax.jit(jax.vmap(ref_fn or fn, in_axes=(0, None)))(params_r, x)
+    out = jax.jit(run_batched(fn))(params_r, x)
+    jax.tree.map(lambda o, r: np.testing.assert_allclose(o, r, rtol=rtol, atol=atol), out, ref)
+    assert jax.tree.structure(out) == jax.tree.structure(ref)
+    return out
+
+
+@pytest.mark.parametrize("name", ["lenet", "resnet20"])
+def test_zoo_models_match_vmap(name):
+    model = get_model(name)
+    variables = model.init(jax.random.key(0), jnp.zeros((2, *model.input_shape)))
+    x = jax.random.normal(jax.random.key(1), (4, *model.input_shape))
+    params_r = _runs(variables, jax.random.key(2))
+    out = _check(model.apply_fn, params_r, x, rtol=2e-4, atol=2e-4 * 10)
+    assert out.shape == (R, 4, model.num_classes)
+
+
+CONV_CASES = {
+    "same_3x3": dict(window_strides=(1, 1), padding="SAME"),
+    "valid_stride2": dict(window_strides=(2, 2), padding="VALID"),
+    "asym_pad_dilated": dict(window_strides=(1, 2), padding=((2, 0), (1, 3)),
+                             rhs_dilation=(2, 1)),
+    "negative_pad": dict(window_strides=(1, 1), padding=((-1, 1), (0, 0))),
+}
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_conv_per_run_kernel(case, shared_input):
+    kw = CONV_CASES[case]
+    x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))
+    w = jax.random.normal(jax.random.key(1), (R, 3, 2, 3, 5))
+
+    def fn(p, x, explicit_pad=False):
+        h = x if shared_input else x * p["s"]
+        if not explicit_pad:
+            return lax.conv_general_dilated(h, p["w"], dimension_numbers=DN, **kw)
+        # Reference: padding (or cropping) done by lax.pad, then a VALID conv
+        # (XLA CPU's own conv gives garbage for negative padding, jax 0.10.2).
+        pads = lax.padtype_to_pads(h.shape[1:3], [(k - 1) * d + 1 for k, d in zip(
+            p["w"].shape[:2], kw.get("rhs_dilation", (1, 1)))], kw["window_strides"],
+            kw["padding"]) if isinstance(kw["padding"], str) else kw["padding"]
+        h = lax.pad(h, 0.0, [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)])
+        return lax.conv_general_dilated(h, p["w"], dimension_numbers=DN,
+                                        **{**kw, "padding": "VALID"})
+
+    _check(fn, {"w": w, "s": jnp.linspace(0.5, 1.5, R)}, x,
+           ref_fn=functools.partial(fn, explicit_pad=True))
+
+
+@pytest.mark.parametrize("dn", [("NCHW", "OIHW", "NCHW"), ("NHWC", "OIHW", "NCHW"),
+                                ("NCHW", "HWIO", "NHWC")])
+def test_conv_dimension_numbers_and_chained_layouts(dn):
+    """Two convolutions in a row (the second reads the first's permuted
+    output), a bias, a ReLU and a pool in between, any dimension numbers."""
+    lhs, rhs, out = dn
+    x = jax.random.normal(jax.random.key(0), (2, 4, 10, 10) if lhs == "NCHW" else (2, 10, 10, 4))
+
+    def kernel_shape(c_in, c_out):
+        return (c_out, c_in, 3, 3) if rhs == "OIHW" else (3, 3, c_in, c_out)
+
+    def fn(p, x):
+        h = lax.conv_general_dilated(x, p["w1"], (1, 1), "SAME", dimension_numbers=dn)
+        c_axis = out.index("C")
+        h = jax.nn.relu(h + jnp.expand_dims(p["b"], [i for i in range(4) if i != c_axis]))
+        window = tuple(2 if d in "HW" else 1 for d in out)
+        h = lax.reduce_window(h, -jnp.inf, lax.max, window, window, "VALID")
+        if out != lhs:  # feed the second conv in the layout it declares
+            h = jnp.transpose(h, [out.index(d) for d in lhs])
+        return lax.conv_general_dilated(h, p["w2"], (1, 1), "VALID", dimension_numbers=dn)
+
+    p = {"w1": jax.random.normal(jax.random.key(1), (R, *kernel_shape(4, 6))),
+         "b": jax.random.normal(jax.random.key(2), (R, 6)),
+         "w2": jax.random.normal(jax.random.key(3), (R, *kernel_shape(6, 5)))}
+    _check(fn, p, x, atol=1e-4)
+
+
+@pytest.mark.parametrize("ndim", [1, 3])
+def test_conv_1d_and_3d(ndim):
+    spatial = (11,) if ndim == 1 else (5, 6, 4)
+    x = jax.random.normal(jax.random.key(0), (2, *spatial, 3))
+    w = jax.random.normal(jax.random.key(1), (R, *(3,) * ndim, 3, 4))
+    spec = "NWC" if ndim == 1 else "NDHWC"
+    kspec = "WIO" if ndim == 1 else "DHWIO"
+
+    def fn(w, x):
+        return lax.conv_general_dilated(x, w, (1,) * ndim, "SAME",
+                                        dimension_numbers=(spec, kspec, spec))
+
+    _check(fn, w, x)
+
+
+def test_grouped_conv_and_shared_kernel_fall_back_to_vmap():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    w = jax.random.normal(jax.random.key(1), (R, 3, 3, 2, 6))
+    fixed = jax.random.normal(jax.random.key(2), (3, 3, 6, 5))
+
+    def fn(w, x):
+        h = lax.conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=2,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return lax.conv_general_dilated(h, fixed, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    _check(fn, w, x, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["max", "min", "sum", "avg"])
+@pytest.mark.parametrize("window,strides,padding", [
+    ((2, 2), (2, 2), "VALID"),
+    ((3, 3), (2, 2), "SAME"),
+    ((3, 2), (1, 2), ((1, 1), (0, 1))),
+])
+def test_pooling_on_permuted_conv_output(kind, window, strides, padding):
+    x = jax.random.normal(jax.random.key(0), (2, 9, 10, 3))
+    w = jax.random.normal(jax.random.key(1), (R, 3, 3, 3, 4))
+    init, op = {"max": (-jnp.inf, lax.max), "min": (jnp.inf, lax.min),
+                "sum": (0.0, lax.add), "avg": (0.0, lax.add)}[kind]
+
+    def fn(w, x):
+        h = lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = lax.reduce_window(h, init, op, (1, *window, 1), (1, *strides, 1),
+                              padding if isinstance(padding, str) else ((0, 0), *padding, (0, 0)))
+        return y / 4.0 if kind == "avg" else y
+
+    _check(fn, w, x, atol=1e-4)
+
+
+def test_integer_pooling_and_comparisons():
+    """Window reductions of integers use the dtype's extremes as padding."""
+    def fn(p, x):
+        q = (x * p).astype(jnp.int32)
+        m = lax.reduce_window(q, jnp.iinfo(jnp.int32).min, lax.max, (1, 3), (1, 1), "SAME")
+        return jnp.where(m > 0, m, -m)
+
+    x = jnp.arange(24, dtype=jnp.float32).reshape(2, 12) - 12
+    _check(fn, jnp.array([1.0, -2.0, 3.0]), x)
+
+
+def test_unbatched_outputs_are_broadcast_and_pytrees_kept():
+    def fn(p, x):
+        return {"shared": x.sum(), "per_run": (p["a"] * x).sum(axis=-1)}
+
+    x = jnp.arange(6.0).reshape(2, 3)
+    out = _check(fn, {"a": jnp.arange(float(R))}, x)
+    assert out["shared"].shape == (R,)
+
+
+def test_inner_calls_are_inlined():
+    @jax.jit
+    def inner(w, x):
+        return jax.nn.relu(lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC")))
+
+    def fn(w, x):
+        return jax.checkpoint(inner)(w, x).mean(axis=(1, 2))
+
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 2))
+    _check(fn, jax.random.normal(jax.random.key(1), (R, 3, 3, 2, 4)), x)
+
+
+def test_control_flow_is_batched_by_vmap():
+    def fn(w, x):
+        def body(h, _):
+            return jnp.tanh(h @ w), None
+        return lax.scan(body, x, None, length=3)[0]
+
+    x = jax.random.normal(jax.random.key(0), (2, 4))
+    _check(fn, jax.random.normal(jax.random.key(1), (R, 4, 4)), x)
+
+
+def test_params_without_a_common_run_axis_raise():
+    fn = run_batched(lambda p, x: p["a"] * x)
+    with pytest.raises(ValueError, match="leading run axis"):
+        fn({"a": jnp.ones((3,)), "b": jnp.ones((2, 5))}, jnp.ones(()))
+    with pytest.raises(ValueError, match="leading run axis"):
+        fn({"a": jnp.ones(())}, jnp.ones(()))
+    with pytest.raises(ValueError, match="at least one"):
+        fn({}, jnp.ones(()))
