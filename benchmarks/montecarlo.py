@@ -63,6 +63,9 @@ flags.DEFINE_list("clean_batch_sizes", ["50", "100", "250", "500", "1000"],
 flags.DEFINE_integer("repeats", 5, "Timed repeats (median reported).")
 flags.DEFINE_integer("loop_runs", 10, "Runs of the plain per-run loop baseline (0: skip).")
 flags.DEFINE_bool("alternatives", False, "Also time other vmap widths and batch sizes.")
+flags.DEFINE_enum("lowering", None, ["gemm", "vmap"],
+                  "Monte-Carlo lowering (default: the library's); the other one is timed "
+                  "too, for reference.")
 flags.DEFINE_integer("host_devices", None,
                      "Force this many XLA CPU devices (--xla_force_host_platform_device_count); "
                      "default: one per CPU core (os.cpu_count()); 1 = XLA's default single "
@@ -125,6 +128,57 @@ def count_flops(apply_fn, params, x) -> tuple[int, list[tuple[str, int]]]:
     return sum(f for _, f in ops), ops
 
 
+def gemm_floor_fn(apply_fn, variables, x, pl, mesh):
+    """A jitted program doing only the matrix products of Monte-Carlo's lowered
+    forward pass (:func:`swimjax._runbatch.run_batched` at the plan's vmap and
+    batch sizes), as many times as the evaluation does them, split over the
+    same devices: what the GEMMs alone cost, the floor under ``ms_per_run``.
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+    from jax.extend import core as jex_core
+    from jax.sharding import PartitionSpec as P
+
+    from swimjax import _runbatch
+
+    w, b = pl.vmap_size, pl.batch_size
+    p_r = jax.tree.map(lambda a: jax.ShapeDtypeStruct((w, *a.shape), a.dtype), variables)
+    xs = jax.ShapeDtypeStruct((b, *x.shape[1:]), x.dtype)
+    dots = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                dots.append(eqn)
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(sub, jex_core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jex_core.Jaxpr):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(_runbatch.run_batched(apply_fn))(p_r, xs).jaxpr)
+    operands = [[jnp.ones(v.aval.shape, v.aval.dtype) for v in eqn.invars] for eqn in dots]
+    steps = -(-pl.n_groups // pl.n_devices) * pl.n_batches  # per device
+
+    def body(ops, _dummy):
+        def step(c, i):
+            out = c
+            for eqn, (lhs, rhs) in zip(dots, ops):
+                # Scaling by the step index keeps each product inside the loop.
+                y = eqn.primitive.bind(lhs * i.astype(lhs.dtype), rhs, **eqn.params)
+                out = out + y.reshape(-1)[0]
+            return out, None
+        c, _ = lax.scan(step, jnp.zeros((), jnp.float32), jnp.arange(steps))
+        return c[None]
+
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P("d")), out_specs=P("d"),
+                               check_vma=False))
+    dummy = jnp.zeros((pl.n_devices,))
+    return lambda: jax.block_until_ready(fn(operands, dummy)), len(dots)
+
+
 def _median_time(fn, repeats: int) -> float:
     ts = []
     for _ in range(repeats):
@@ -174,13 +228,14 @@ def main(argv):
 
     def mc_eval(**kw):
         opts = dict(chunk_size=FLAGS.chunk_size, batch_size=FLAGS.batch_size,
-                    vmap_size=FLAGS.vmap_size, progress=False)
+                    vmap_size=FLAGS.vmap_size, progress=False, lowering=FLAGS.lowering)
         opts.update(kw)
         return montecarlo.evaluate(k_mc, apply_fn, variables, perturb_fn, x, y, n_runs, **opts)
 
     pl = montecarlo.plan(apply_fn, variables, perturb_fn, x, n_runs,
                          chunk_size=FLAGS.chunk_size, batch_size=FLAGS.batch_size,
-                         vmap_size=FLAGS.vmap_size, devices=devices, key=k_mc)
+                         vmap_size=FLAGS.vmap_size, devices=devices, key=k_mc,
+                         lowering=FLAGS.lowering)
     print(f"plan: {pl}")
 
     # --- clean baseline: n_runs * n_img images, fixed weights, same metrics ---
@@ -248,6 +303,17 @@ def main(argv):
         loop()
         loop_ms = 1e3 * _median_time(loop, max(1, FLAGS.repeats // 2)) / FLAGS.loop_runs
 
+    # --- the other lowering, and the GEMMs alone ---
+    other = "vmap" if pl.lowering == "gemm" else "gemm"
+    mc_eval(lowering=other)
+    other_ms = 1e3 * _median_time(lambda: mc_eval(lowering=other),
+                                  max(1, FLAGS.repeats // 2)) / n_runs
+    gemm_ms, n_gemms = None, 0
+    if pl.lowering == "gemm":
+        floor, n_gemms = gemm_floor_fn(apply_fn, variables, x, pl, mesh)
+        floor()
+        gemm_ms = 1e3 * _median_time(floor, FLAGS.repeats) / n_runs
+
     alternatives = []
     if FLAGS.alternatives:
         for vs in (1, 2, 4, 8, 16):
@@ -258,7 +324,7 @@ def main(argv):
             mc_eval(**alt)
             alt["plan_batch_size"] = montecarlo.plan(
                 apply_fn, variables, perturb_fn, x, n_runs, devices=devices, key=k_mc,
-                **alt).batch_size
+                lowering=pl.lowering, **alt).batch_size
             alt["ms_per_run"] = 1e3 * _median_time(lambda: mc_eval(**{
                 k: alt[k] for k in ("vmap_size", "batch_size")}), 3) / n_runs
 
@@ -272,6 +338,9 @@ def main(argv):
         "clean_batch_size": best_bs,
         "clean_ms_per_run_by_batch_size": {str(b): 1e3 * t / n_runs
                                            for b, t in clean_by_bs.items()},
+        "lowering": pl.lowering,
+        f"ms_per_run_{other}_lowering": other_ms,
+        "gemm_floor_ms_per_run": gemm_ms,
         "chunk_size": pl.chunk_size,
         "vmap_size": pl.vmap_size,
         "batch_size": pl.batch_size,
@@ -298,9 +367,13 @@ def main(argv):
         ("devices", f"{n_dev} x {devices[0].platform}"),
         ("runs x images", f"{n_runs} x {n_img}"),
         ("chunk / vmap / batch", f"{pl.chunk_size} / {pl.vmap_size} / {pl.batch_size}"),
+        ("lowering", pl.lowering),
         ("GFLOP per run", f"{flops_run / 1e9:.4f}"),
         ("noisy MC: ms per run", f"{ms_per_run:.2f}"),
         ("noisy MC: GFLOP/s", f"{out['gflops']:.1f}"),
+        (f"noisy MC, {other} lowering: ms per run", f"{other_ms:.2f}"),
+        (f"its {n_gemms} matrix products alone: ms per run",
+         "-" if gemm_ms is None else f"{gemm_ms:.2f}"),
         (f"clean (batch {best_bs}): ms per run-equivalent", f"{out['clean_ms_per_run']:.2f}"),
         ("noisy / clean throughput", f"{out['noisy_over_clean_throughput']:.3f}"),
         ("random draws alone: ms per run", f"{out['rng_ms_per_run']:.2f}"),

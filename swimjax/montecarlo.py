@@ -6,10 +6,16 @@ evaluated on the whole dataset ``(x, y)``; run ``i`` always uses
 
 How the work is laid out (see :func:`plan`):
 
-* **vmap over runs.** ``vmap_size`` runs are vmapped together: their perturbed
-  parameters are drawn in one vmapped call and the dataset goes through
-  ``vmap(apply_fn, in_axes=(0, None))``, the inputs shared by every run (so the
-  first layer reads one copy of ``x``; convolutions become grouped
+* **runs batched together.** ``vmap_size`` runs form a group: their perturbed
+  parameters are drawn in one vmapped call and the dataset goes through all of
+  them at once. By default (``lowering="gemm"``) the forward pass is built by
+  :func:`swimjax._runbatch.run_batched`: computations that do not depend on the
+  run (the first layer's input patches) are done once per group, convolutions
+  with per-run kernels become im2col + one matrix product per run (``W (R, O,
+  K) @ P (R, K, M)``; for the shared first layer one ``(R*O, K) @ (K, M)``),
+  layouts are propagated through bias/ReLU/pooling instead of transposed back,
+  and pooling is a maximum of strided slices. ``lowering="vmap"`` uses
+  ``vmap(apply_fn, in_axes=(0, None))`` instead (convolutions become grouped
   convolutions, dense layers batched matrix products).
 * **batches inside a run.** The dataset is cut into ``batch_size`` examples per
   step, looped over with ``lax.scan`` (the last batch is padded and masked), so
@@ -47,19 +53,21 @@ Shapes: ``x`` is ``(n, ...)`` (whatever ``apply_fn`` takes), ``y`` is ``(n,)``
 integer labels in ``[0, C)``, ``apply_fn(params, x) -> logits (n, C)``.
 Accuracies are fractions in ``[0, 1]``; losses are per-example means.
 
-Speed notes (XLA CPU, jax 0.10, measured with ``benchmarks/montecarlo.py``):
-XLA CPU hands a convolution to its fast YNNPACK path only when it has more
-than 16 input or output channels; vmapping ``vmap_size >= 3`` runs turns a
-small-channel conv (LeNet's 1->6 and 6->16) into a grouped conv of
-``vmap_size`` times the channels, which that path takes, so the vmapped noisy
-evaluation runs about 2x faster than clean forward passes of the same images.
-Widths from 4 to 12 and batches of 20 to 100 images per step give the same
-per-run time; 1000-image steps are slower (cache). Threefry normals for the
-~1e5 LeNet weights cost ~1.4 ms per run (2-3 %). One XLA CPU device runs these
-small convolutions on about one core; to use every core, start the process
-with one CPU device per core (``XLA_FLAGS=--xla_force_host_platform_device_count=N``,
-set by the user before JAX starts; this module never sets flags) and the runs
-are sharded over them (~1.5x on 2 cores).
+Speed notes (XLA CPU, jax 0.10, 2 cores, measured with ``benchmarks/montecarlo.py``
+on LeNet, 1,000 images, 100 runs): 19 ms per run with the default ``"gemm"``
+lowering, 58 ms with ``"vmap"`` (XLA CPU runs grouped convolutions with few
+channels at a few GFLOP/s), 77 ms for a plain per-run loop; the matrix
+products of the lowered program alone take 14 ms per run at these shapes
+(K = 9 and 54, 16 output channels: about 45 GFLOP/s, against ~130 GFLOP/s for
+a large sgemm), so most of what is left is GEMM shape, not overhead. Widths of
+1 to 4 runs and 17 to 50 images per step give the same per-run time within
+the machine's noise; wider groups and 1000-image steps are slower (cache).
+Threefry normals for the ~1e5 LeNet weights cost ~1.3 ms per run. One XLA
+CPU device runs these small operations on about one core; to use every core,
+start the process with one CPU device per core
+(``XLA_FLAGS=--xla_force_host_platform_device_count=N``, set by the user
+before JAX starts; this module never sets flags) and the runs are sharded
+over them.
 """
 
 from __future__ import annotations
@@ -87,7 +95,7 @@ LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 #: Default hard bound (bytes per device) on one vmapped group's working set.
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
 #: Default runs vmapped together, per backend (see the module's speed notes).
-DEFAULT_VMAP_SIZE = {"cpu": 4}
+DEFAULT_VMAP_SIZE = {"cpu": 2}
 DEFAULT_VMAP_SIZE_ACCELERATOR = 32
 #: Working set (bytes) one vmapped step aims at when ``batch_size`` is not given:
 #: cache-sized on CPU (larger steps were slower there), large on accelerators.

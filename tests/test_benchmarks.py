@@ -1,0 +1,43 @@
+"""Smoke tests: the benchmark binaries run at tiny sizes and write the JSON
+keys the issues name (their timings are not asserted: machines are shared)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(module: str, tmp_path, *args: str) -> dict:
+    out = tmp_path / "out.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", module, f"--json={out}", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_montecarlo_benchmark_runs(tmp_path):
+    res = _run("benchmarks.montecarlo", tmp_path, "--n_runs=4", "--n_images=40",
+               "--repeats=1", "--loop_runs=1", "--clean_batch_sizes=20", "--host_devices=2")
+    for key in ("ms_per_run", "gflops", "noisy_over_clean_throughput",
+                "gemm_floor_ms_per_run", "ms_per_run_vmap_lowering"):
+        assert math.isfinite(res[key]) and res[key] > 0, key
+    assert res["lowering"] == "gemm" and res["n_devices"] == 2
+    # LeNet is 0.6334 GFLOP per 1,000 images (the issue's figure).
+    assert res["gflop_per_run"] == pytest.approx(0.6334 * 40 / 1000, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_write_verify_benchmark_runs(tmp_path):
+    res = _run("benchmarks.write_verify", tmp_path, "--devices=20000", "--repeats=1")
+    assert res["devices"] == 20000
+    for key in ("iterations", "seconds_per_iteration", "iteration_over_elementwise"):
+        assert res[key] > 0, key
