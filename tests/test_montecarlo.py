@@ -248,6 +248,19 @@ def test_plan_memory_budget_and_padding(problem):
                 memory_budget=1000)
 
 
+def test_plan_keeps_steps_of_at_least_min_batch(problem, monkeypatch):
+    """Large activations per example do not shrink the default step below
+    MIN_BATCH examples (tiny steps make every matrix product tiny) unless the
+    memory budget says so."""
+    params, x, _ = problem
+    monkeypatch.setattr(mc, "STEP_BYTES", {"cpu": 1})
+    p = mc.plan(apply_fn, params, gaussian_perturb, x, 10)
+    assert p.n_batches == -(-N_EX // mc.MIN_BATCH)
+    small = mc.plan(apply_fn, params, gaussian_perturb, x, 10, vmap_size=1,
+                    memory_budget=p.param_bytes + 4 * p.activation_bytes)
+    assert small.batch_size <= 4
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(n_runs=0), "n_runs"),
     (dict(chunk_size=0), "chunk_size"),
