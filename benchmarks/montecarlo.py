@@ -97,34 +97,24 @@ def count_flops(apply_fn, params, x) -> tuple[int, list[tuple[str, int]]]:
     ``conv_general_dilated`` and ``dot_general``; also a per-op list."""
     import jax
     import numpy as np
-    from jax.extend import core as jex_core
+
+    from swimjax import _jaxpr
 
     ops: list[tuple[str, int]] = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            name = eqn.primitive.name
-            if name == "dot_general":
-                (lc, _), _ = eqn.params["dimension_numbers"]
-                lhs = eqn.invars[0].aval.shape
-                k = int(np.prod([lhs[d] for d in lc])) if lc else 1
-                out = int(np.prod(eqn.outvars[0].aval.shape))
-                ops.append((f"dot {tuple(eqn.invars[1].aval.shape)}", 2 * out * k))
-            elif name == "conv_general_dilated":
-                rhs = eqn.invars[1].aval.shape
-                out_feat_dim = eqn.params["dimension_numbers"].rhs_spec[0]
-                per_out = int(np.prod(rhs)) // rhs[out_feat_dim]
-                out = int(np.prod(eqn.outvars[0].aval.shape))
-                ops.append((f"conv {tuple(rhs)}", 2 * out * per_out))
-            for value in eqn.params.values():
-                subs = value if isinstance(value, (tuple, list)) else (value,)
-                for sub in subs:
-                    if isinstance(sub, jex_core.ClosedJaxpr):
-                        walk(sub.jaxpr)
-                    elif isinstance(sub, jex_core.Jaxpr):
-                        walk(sub)
-
-    walk(jax.make_jaxpr(apply_fn)(params, x).jaxpr)
+    for eqn in _jaxpr.iter_eqns(jax.make_jaxpr(apply_fn)(params, x).jaxpr):
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lc, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            k = int(np.prod([lhs[d] for d in lc])) if lc else 1
+            out = int(np.prod(eqn.outvars[0].aval.shape))
+            ops.append((f"dot {tuple(eqn.invars[1].aval.shape)}", 2 * out * k))
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            out_feat_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+            per_out = int(np.prod(rhs)) // rhs[out_feat_dim]
+            out = int(np.prod(eqn.outvars[0].aval.shape))
+            ops.append((f"conv {tuple(rhs)}", 2 * out * per_out))
     return sum(f for _, f in ops), ops
 
 
@@ -137,28 +127,15 @@ def gemm_floor_fn(apply_fn, variables, x, pl, mesh):
     import jax
     import jax.numpy as jnp
     from jax import lax
-    from jax.extend import core as jex_core
     from jax.sharding import PartitionSpec as P
 
-    from swimjax import _runbatch
+    from swimjax import _jaxpr, _runbatch
 
     w, b = pl.vmap_size, pl.batch_size
     p_r = jax.tree.map(lambda a: jax.ShapeDtypeStruct((w, *a.shape), a.dtype), variables)
     xs = jax.ShapeDtypeStruct((b, *x.shape[1:]), x.dtype)
-    dots = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                dots.append(eqn)
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else (value,):
-                    if isinstance(sub, jex_core.ClosedJaxpr):
-                        walk(sub.jaxpr)
-                    elif isinstance(sub, jex_core.Jaxpr):
-                        walk(sub)
-
-    walk(jax.make_jaxpr(_runbatch.run_batched(apply_fn))(p_r, xs).jaxpr)
+    jaxpr = jax.make_jaxpr(_runbatch.run_batched(apply_fn))(p_r, xs).jaxpr
+    dots = [eqn for eqn in _jaxpr.iter_eqns(jaxpr) if eqn.primitive.name == "dot_general"]
     operands = [[jnp.ones(v.aval.shape, v.aval.dtype) for v in eqn.invars] for eqn in dots]
     steps = -(-pl.n_groups // pl.n_devices) * pl.n_batches  # per device
 

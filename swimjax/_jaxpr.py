@@ -55,3 +55,25 @@ def inner_closed(eqn: Any) -> tuple[Any, list[Any]] | None:
     if isinstance(inner, jcore.Jaxpr):
         return inner, []
     return None
+
+
+def sub_jaxprs(value: Any):
+    """The (open) jaxprs held by an equation parameter value (a jaxpr, a
+    closed jaxpr, or a tuple/list of them, e.g. ``cond``'s branches)."""
+    if isinstance(value, jcore.ClosedJaxpr):
+        yield value.jaxpr
+    elif isinstance(value, jcore.Jaxpr):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from sub_jaxprs(item)
+
+
+def iter_eqns(jaxpr: Any):
+    """Every equation of ``jaxpr`` and, recursively, of the jaxprs its
+    equations hold (call, control-flow and custom-derivative bodies)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in sub_jaxprs(value):
+                yield from iter_eqns(sub)

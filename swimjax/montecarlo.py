@@ -83,9 +83,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.extend import core as jex_core
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from swimjax import _jaxpr
 from swimjax import _runbatch
 from swimjax import _validation as v
 
@@ -237,16 +237,6 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 # Memory estimate and plan
 # ----------------------------------------------------------------------------
 
-def _sub_jaxprs(value: Any):
-    if isinstance(value, jex_core.ClosedJaxpr):
-        yield value.jaxpr
-    elif isinstance(value, jex_core.Jaxpr):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _sub_jaxprs(item)
-
-
 def _jaxpr_bytes(jaxpr: Any, combine: Callable[[int, int], int] = int.__add__) -> int:
     """Bytes of the values a jaxpr (and its sub-jaxprs) creates, combined with
     ``combine`` (sum by default; ``max`` for the largest single value)."""
@@ -261,7 +251,7 @@ def _jaxpr_bytes(jaxpr: Any, combine: Callable[[int, int], int] = int.__add__) -
                     itemsize = 8
                 total = combine(total, math.prod(aval.shape) * itemsize)
         for value in eqn.params.values():
-            for sub in _sub_jaxprs(value):
+            for sub in _jaxpr.sub_jaxprs(value):
                 total = combine(total, _jaxpr_bytes(sub, combine))
     return total
 
