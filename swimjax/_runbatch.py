@@ -77,15 +77,6 @@ def _lead(v: _Val) -> int:
     return int(v.batched)
 
 
-def _logical(v: _Val) -> Any:
-    """The array in its logical layout (run axis first if batched)."""
-    if v.perm is None:
-        return v.array
-    inv = tuple(int(i) for i in np.argsort(v.perm))
-    lead = _lead(v)
-    return lax.transpose(v.array, tuple(range(lead)) + tuple(lead + i for i in inv))
-
-
 def _in_perm(v: _Val, perm: tuple[int, ...] | None) -> Any:
     """The array of ``v`` laid out as ``transpose(logical, perm)``."""
     if v.perm == perm or np.ndim(v.array) == 0:
@@ -97,19 +88,29 @@ def _in_perm(v: _Val, perm: tuple[int, ...] | None) -> Any:
     return lax.transpose(v.array, tuple(range(lead)) + tuple(lead + a for a in axes))
 
 
+def _logical(v: _Val) -> Any:
+    """The array in its logical layout (run axis first if batched)."""
+    return _in_perm(v, None)
+
+
 def _bind(eqn, args: Sequence[Any]) -> list[Any]:
     out = eqn.primitive.bind(*args, **eqn.params)
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
+def _bind_runs(eqn, arrays: Sequence[Any], batched: Sequence[bool]) -> list[Any]:
+    """The primitive on ``arrays``, vmapped over the run axis of the batched ones."""
+    if not any(batched):
+        return _bind(eqn, arrays)
+    axes = [0 if b else None for b in batched]
+    return list(jax.vmap(lambda *a: tuple(_bind(eqn, a)), in_axes=axes)(*arrays))
+
+
 def _vmap_bind(eqn, vals: Sequence[_Val]) -> list[_Val]:
     """Generic rule: ``jax.vmap`` of the primitive, logical layouts."""
-    args = [_logical(v) for v in vals]
-    if not any(v.batched for v in vals):
-        return [_Val(o, False) for o in _bind(eqn, args)]
-    axes = [0 if v.batched else None for v in vals]
-    outs = jax.vmap(lambda *a: tuple(_bind(eqn, a)), in_axes=axes)(*args)
-    return [_Val(o, True) for o in outs]
+    batched = [v.batched for v in vals]
+    outs = _bind_runs(eqn, [_logical(v) for v in vals], batched)
+    return [_Val(o, any(batched)) for o in outs]
 
 
 # ----------------------------------------------------------------------------
@@ -122,11 +123,7 @@ def _rule_elementwise(eqn, vals: Sequence[_Val]) -> list[_Val]:
     perm = next((v.perm for v in full if v.perm is not None and v.batched), None)
     if perm is None:
         return _vmap_bind(eqn, vals)
-    moved = [_Val(_in_perm(v, perm), v.batched, perm if v.ndim > 0 else None)
-             for v in vals]
-    args = [m.array for m in moved]
-    axes = [0 if m.batched else None for m in moved]
-    outs = jax.vmap(lambda *a: tuple(_bind(eqn, a)), in_axes=axes)(*args)
+    outs = _bind_runs(eqn, [_in_perm(v, perm) for v in vals], [v.batched for v in vals])
     return [_Val(o, True, perm) for o in outs]
 
 
@@ -267,7 +264,7 @@ def _eval_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[_Val]) -> list[_Val
         vals = [read(x) for x in eqn.invars]
         inner = _jaxpr.inner_closed(eqn)
         if not any(v.batched for v in vals):
-            outs = [_Val(o, False) for o in _bind(eqn, [_logical(v) for v in vals])]
+            outs = _vmap_bind(eqn, vals)
         elif inner is not None:
             outs = _eval_jaxpr(inner[0], inner[1], vals)
         else:

@@ -55,10 +55,10 @@ integer labels in ``[0, C)``, ``apply_fn(params, x) -> logits (n, C)``.
 Accuracies are fractions in ``[0, 1]``; losses are per-example means.
 
 Speed notes (XLA CPU, jax 0.10, 2 cores, measured with ``benchmarks/montecarlo.py``
-on LeNet, 1,000 images, 100 runs): 19 ms per run with the default ``"gemm"``
+on LeNet, 1,000 images, 100 runs): 18-19 ms per run with the default ``"gemm"``
 lowering, 58 ms with ``"vmap"`` (XLA CPU runs grouped convolutions with few
 channels at a few GFLOP/s), 77 ms for a plain per-run loop; the matrix
-products of the lowered program alone take 14 ms per run at these shapes
+products of the lowered program alone take 11-14 ms per run at these shapes
 (K = 9 and 54, 16 output channels: about 45 GFLOP/s, against ~130 GFLOP/s for
 a large sgemm), so most of what is left is GEMM shape, not overhead. Widths of
 1 to 4 runs and 17 to 50 images per step give the same per-run time within
@@ -241,7 +241,7 @@ def _jaxpr_bytes(jaxpr: Any, combine: Callable[[int, int], int] = int.__add__) -
     """Bytes of the values a jaxpr (and its sub-jaxprs) creates, combined with
     ``combine`` (sum by default; ``max`` for the largest single value)."""
     total = 0
-    for eqn in jaxpr.eqns:
+    for eqn in _jaxpr.iter_eqns(jaxpr):
         for var in eqn.outvars:
             aval = var.aval
             if hasattr(aval, "shape") and hasattr(aval, "dtype"):
@@ -250,9 +250,6 @@ def _jaxpr_bytes(jaxpr: Any, combine: Callable[[int, int], int] = int.__add__) -
                 except TypeError:  # PRNG key arrays and other extended dtypes
                     itemsize = 8
                 total = combine(total, math.prod(aval.shape) * itemsize)
-        for value in eqn.params.values():
-            for sub in _jaxpr.sub_jaxprs(value):
-                total = combine(total, _jaxpr_bytes(sub, combine))
     return total
 
 
@@ -308,9 +305,10 @@ def _estimate_bytes(apply_fn: ApplyFn, perturb_fn: PerturbFn | None, p_sig: tupl
         jp = jax.make_jaxpr(perturb_fn)(k, p_abs)
         param_bytes += 2 * _jaxpr_bytes(jp.jaxpr, max)
 
+    p_one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape), a.dtype), p_abs)
+
     def total(b: int) -> int:
         xs = jax.ShapeDtypeStruct((b, *ex_shape), dtype)
-        p_one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape), a.dtype), p_abs)
         return _jaxpr_bytes(jax.make_jaxpr(_batched_apply(apply_fn, lowering))(p_one, xs).jaxpr)
 
     t1, t2 = total(1), total(2)
