@@ -11,7 +11,18 @@ expected loss increase; :func:`select` verifies the weights with the largest
 the weights (every :mod:`swimjax.sensitivity` estimator by default) with
 sigmas in weight units (``perturbation.weight_sigmas``), or SWIM's normalized
 curvature (``sensitivity.swim(normalize=True)``, w.r.t. ``w / max|W|``) with
-sigmas relative to each layer's scale (e.g. scalars).
+sigmas relative to each layer's scale (e.g. scalars). ``sensitivity.swim_grad``
+(SWIM's score with its first-order term) is in weight units as well: with
+weight-unit sigmas of the same ``scale`` it selects exactly the weights SWIM's
+reference code selects. Baselines (``sensitivity.BASELINE_METHODS``, e.g.
+SWIM's ``magnitude`` ``|w| / max|W_layer|``) are not curvatures: select them
+with ``sigma_unverified=1, sigma_verified=0`` (the defaults), i.e. by the
+score itself.
+
+Scores may be negative (Hutchinson's estimate, or any user score): the
+importance is ranked as is, never by its absolute value, so negative values
+rank last (the least negative first once the budget exceeds the positive
+ones).
 
 Only *mapped* leaves (``selected``; default
 :func:`swimjax.mapping.mapped_leaves`, kernels with ``ndim >= 2``) compete for
@@ -58,9 +69,12 @@ def _sigma_leaves(name: str, sigma: Any, scores: PyTree) -> list[Any]:
     leaves = jax.tree_util.tree_leaves(sigma)
     for path, leaf in jax.tree_util.tree_leaves_with_path(sigma):
         a = np.asarray(leaf)
+        where = f"{name}{jax.tree_util.keystr(path)}"
+        if a.dtype == np.bool_ or not (jnp.issubdtype(a.dtype, jnp.floating)
+                                       or jnp.issubdtype(a.dtype, jnp.integer)):
+            raise ValueError(f"{where} must be real standard deviations, got dtype {a.dtype}")
         if not np.all(np.isfinite(a)) or np.any(a < 0):
-            raise ValueError(
-                f"{name}{jax.tree_util.keystr(path)} must be finite and >= 0")
+            raise ValueError(f"{where} must be finite and >= 0")
     return leaves
 
 
@@ -117,7 +131,8 @@ def select(scores: PyTree, budget: float, *, sigma_unverified: Any = 1.0,
 
     Args:
       scores: curvature ``h_ii`` per weight, a pytree like ``params`` (e.g.
-        from :func:`swimjax.sensitivity.score`); must be finite.
+        from :func:`swimjax.sensitivity.score`), or a baseline's score with
+        the default sigmas; must be finite; negative values rank last.
       budget: fraction of the MAPPED weights to verify, in ``[0, 1]``. Exactly
         ``round(budget * n_mapped)`` weights are selected (half rounds up);
         with ``per_layer=True``, ``round(budget * n_leaf)`` in every mapped leaf.

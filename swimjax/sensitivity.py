@@ -35,11 +35,19 @@ autodiff (its per-example Hessian with respect to the logits).
 themselves, which pair with weight-unit sigmas (``perturbation.weight_sigmas``)
 in :func:`swimjax.selection.select`. ``swim(normalize=True)`` instead returns
 SWIM's raw accumulator, the curvature with respect to the max-normalized
-weight ``w_hat = w / max|W|`` (``S_w * max|W|^2``), which pairs with sigmas
-*relative to the layer scale* (e.g. scalars); :func:`to_weight_units` converts
-back. Mixing the two conventions counts the scale twice. Because SWIM's weight
-error is proportional to the layer scale (``dW = s c sigma eps``), both routes
-rank weights exactly as SWIM does.
+weight ``w_hat = w / s`` (``S_w * s^2``, ``s = max|W|`` per tensor, or per
+output channel with ``scale="per_channel"``: use the mapping's scale), which
+pairs with sigmas *relative to the layer scale* (e.g. scalars);
+:func:`to_weight_units` converts back. Mixing the two conventions counts the
+scale twice. Because SWIM's weight error is proportional to the layer scale
+(``dW = s c sigma eps``), both routes rank weights exactly as SWIM does.
+:func:`swim_grad` (SWIM's score with its first-order term, as the reference
+ranks it) is in weight units too and ranks the same way.
+
+**Baselines** (:data:`BASELINE_METHODS`: ``magnitude`` = SWIM's ``|w| /
+max|W_layer|``, ``magnitude_raw`` = ``|w|``, ``random``, ``gradient``,
+``saliency``) are not curvatures: rank by the score itself (``select`` with
+``sigma_unverified=1, sigma_verified=0``).
 
 Costs, in jitted gradient passes over the same data (``benchmarks/
 sensitivity.py`` on 2 shared CPU cores; LeNet / ResNet-18): ``swim`` 0.4 / 0.9
@@ -53,6 +61,7 @@ from __future__ import annotations
 
 import functools
 import math
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -65,7 +74,7 @@ from jax import lax
 from swimjax import _obd
 from swimjax import _validation as v
 from swimjax._obd import SUPPORTED_PRIMITIVES, UnsupportedPrimitiveError
-from swimjax.mapping import mapped_leaves
+from swimjax.mapping import Scale, compute_scale, mapped_leaves
 
 Array = jax.Array
 PyTree = Any
@@ -74,11 +83,10 @@ LossFn = Callable[[Array, Array], Array]
 Batches = tuple[Array, Array, Array]
 
 __all__ = [
-    "BASELINE_METHODS", "METHODS", "SUPPORTED_PRIMITIVES", "UnsupportedPrimitiveError",
-    "as_batches",
-    "available_methods", "fisher",
-    "ggn", "gradient", "hessian_diag", "hutchinson", "magnitude", "make_batches", "random",
-    "saliency", "score", "softmax_cross_entropy", "swim", "to_weight_units",
+    "BASELINE_METHODS", "METHODS", "SCALE_METHODS", "SUPPORTED_PRIMITIVES",
+    "UnsupportedPrimitiveError", "as_batches", "available_methods", "fisher", "ggn", "gradient",
+    "hessian_diag", "hutchinson", "magnitude", "magnitude_raw", "make_batches", "random",
+    "saliency", "score", "softmax_cross_entropy", "swim", "swim_grad", "to_weight_units",
 ]
 
 #: Default bounds on the per-example gradient floats materialized by one step of
@@ -282,8 +290,25 @@ def _loss_hessian_sqrt(loss: LossFn | None, logits: Array, labels: Array) -> Arr
 # --------------------------------------------------------------------------
 
 
-def _scale_of(leaf: Array) -> Array:
-    return jnp.max(jnp.abs(leaf))
+_SCALES: tuple[str, ...] = typing.get_args(Scale)
+
+
+def _check_scale(scale: Any) -> Scale:
+    return v.check_choice("scale", scale, _SCALES)
+
+
+def _scale_of(leaf: Array, scale: Scale) -> Array:
+    """The mapping's full scale ``s = max|W|`` of a mapped leaf, per tensor (shape
+    ``()``) or per output channel (last axis, shape ``(1, ..., 1, C)``), exactly
+    as :func:`swimjax.mapping.compute_scale` computes it for the devices."""
+    return compute_scale(leaf, scale)
+
+
+def _safe_div(num: Array, den: Array) -> Array:
+    """``num / den`` where ``den > 0``, else 0 (``den`` a scale of an all-zero
+    tensor or channel, or its square); broadcasts ``den``."""
+    ok = den > 0
+    return jnp.where(ok, num / jnp.where(ok, den, jnp.ones_like(den)), jnp.zeros_like(num))
 
 
 def _trace(apply_fn: ApplyFn, params: PyTree, xb: Array):
@@ -322,28 +347,31 @@ def _swim_step(acc, params, xb, yb, wb, n_tot, *, apply_fn, loss, first_order):
     return acc_s, acc_g
 
 
-@functools.partial(jax.jit, static_argnames=("mapped", "normalize", "first_order"))
-def _swim_finish(acc, params, n_tot, *, mapped, normalize, first_order):
+@functools.partial(jax.jit, static_argnames=("mapped", "normalize", "first_order", "scale"))
+def _swim_finish(acc, params, n_tot, *, mapped, normalize, first_order, scale):
+    """Per-leaf SWIM score from the accumulated ``S_w`` and gradient sums.
+
+    With ``s`` the leaf's full scale (per tensor or per channel, 1 on unmapped
+    leaves) and ``w_hat = w / s``: ``S_w_hat = S_w s^2`` and ``g_w_hat = g_w s``.
+    SWIM's first-order score is ``|S_w_hat + 2 g_w_hat / N|``; in weight units it
+    is that over ``s^2``, i.e. ``|S_w + 2 g_w / (N s)|`` (the gradient term is
+    one power of ``s`` behind the curvature term). Where ``s = 0`` the
+    normalized score is 0 and the weight-unit score is ``S_w``.
+    """
     leaves, treedef = jax.tree_util.tree_flatten(params)
     out = []
     for leaf, s_l, g_l, is_mapped in zip(leaves, acc[0], acc[1], mapped):
-        if not first_order:
-            out.append(s_l * jnp.square(_scale_of(leaf)) if normalize and is_mapped else s_l)
-            continue
-        # SWIM's reference score on w_hat = w / s: S_hat + 2 * (sum over batches
-        # of mean-batch gradients), both in mean-loss units, ranked by magnitude.
-        scale = _scale_of(leaf) if is_mapped else jnp.ones((), leaf.dtype)
-        h_hat = jnp.abs(s_l * jnp.square(scale) + 2.0 * g_l * scale / n_tot)
-        if not normalize:
-            s2 = jnp.square(scale)
-            h_hat = jnp.where(s2 > 0, h_hat / jnp.where(s2 > 0, s2, 1.0), s_l)
-        out.append(h_hat)
+        s = _scale_of(leaf, scale) if is_mapped else jnp.ones((), leaf.dtype)
+        h = s_l
+        if first_order:
+            h = jnp.abs(s_l + _safe_div(2.0 * g_l / n_tot.astype(s_l.dtype), s))
+        out.append(h * jnp.square(s) if normalize and is_mapped else h)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def swim(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
          loss: LossFn | None = None, *, normalize: bool = False, first_order: bool = False,
-         selected: PyTree | None = None) -> PyTree:
+         scale: Scale = "per_tensor", selected: PyTree | None = None) -> PyTree:
     """SWIM's second-derivative score: Optimal Brain Damage, Gauss-Newton, diagonal.
 
     ``apply_fn`` is traced to a jaxpr and transformed: one forward pass records
@@ -363,18 +391,31 @@ def swim(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
       loss: per-example loss ``loss(logits, labels) -> (batch,)``; default
         softmax cross-entropy.
       normalize: ``True`` returns SWIM's raw accumulator: on mapped leaves S
-        for the max-normalized weight ``w_hat = w / max|W|`` (``S_w *
-        max|W|^2``, what the reference stores in ``weightS.grad``); unmapped
-        leaves (biases) are never normalized. ``False`` (default): the same
-        curvature per unit weight, ``S_w``, which pairs with weight-unit
-        sigmas (``perturbation.weight_sigmas``): ``S_w * (s c sigma)^2 =
-        S_w_hat * (c sigma)^2``, so ``selection.select`` then ranks exactly as
-        SWIM does (and handles non-uniform sigmas).
-      first_order: SWIM's optional first-order term: the reference score on
-        ``w_hat`` is ``|S_w_hat + 2 g_w_hat|`` with ``g`` the accumulated
-        mean-batch gradient (here in the same mean-loss units); it is returned
-        as is (``normalize=True``) or divided by ``max|W|^2``. With it the
-        result depends on the batch size, as in the reference.
+        for the max-normalized weight ``w_hat = w / s`` (``S_w * s^2``, what
+        the reference stores in ``weightS.grad``) with ``s`` the full scale
+        of ``scale``; unmapped leaves (biases) are never normalized.
+        ``False`` (default): the same curvature per unit weight, ``S_w``,
+        which pairs with weight-unit sigmas (``perturbation.weight_sigmas``):
+        ``S_w * (s c sigma)^2 = S_w_hat * (c sigma)^2``, so
+        ``selection.select`` then ranks exactly as SWIM does (and handles
+        non-uniform sigmas).
+      first_order: SWIM's first-order term (the reference's ``fine_S_grad``,
+        always applied there before ranking): the score on ``w_hat`` is
+        ``|S_w_hat + 2 g_w_hat|`` with ``g`` the accumulated mean-batch
+        gradient (here both in mean-loss units: ``S`` of the mean loss and
+        ``sum_b mean-batch gradient / N``; the reference's numbers are N
+        times these). The absolute value is the reference's (its ranking
+        indicator is ``weightS.grad.abs()``), so the score is >= 0 and a
+        large negative ``S + 2g`` ranks high. Returned as is
+        (``normalize=True``) or divided by ``s^2`` (weight units:
+        ``|S_w + 2 g_w / (N s)|``). With it the result depends on the batch
+        size and on ``scale``, as in the reference. See :func:`swim_grad`.
+      scale: ``"per_tensor"`` (default) or ``"per_channel"``: the full scale
+        ``s`` of each mapped leaf, as in :func:`swimjax.mapping.compute_scale`
+        (per channel: the max over every axis but the last). Must match the
+        mapping / perturbation the scores are used with. Only affects
+        ``normalize=True`` and ``first_order=True`` (``S_w`` itself does not
+        depend on it).
       selected: pytree of Python bools marking mapped leaves (default
         :func:`swimjax.mapping.mapped_leaves`).
 
@@ -387,6 +428,7 @@ def swim(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
         on a parameter path with no OBD rule; the message names it.
     """
     del key
+    scale = _check_scale(scale)
     _check_params(params)
     flags = _resolve_selected(params, selected)
     x, y, w = as_batches(batches)
@@ -397,29 +439,49 @@ def swim(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
         acc = _swim_step(acc, params, x[b], y[b], w[b], n_tot, apply_fn=apply_fn, loss=loss,
                          first_order=bool(first_order))
     return _swim_finish(acc, params, n_tot, mapped=flags, normalize=bool(normalize),
-                        first_order=bool(first_order))
+                        first_order=bool(first_order), scale=scale)
 
 
-@functools.partial(jax.jit, static_argnames=("flags",))
-def _to_weight_units_impl(scores, params, *, flags):
+def swim_grad(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
+              loss: LossFn | None = None, *, normalize: bool = False,
+              scale: Scale = "per_tensor", selected: PyTree | None = None) -> PyTree:
+    """SWIM's score as its reference code ranks it: :func:`swim` with ``first_order=True``.
+
+    ``|S_w + 2 g_w / (N s)|`` per unit weight (default), or
+    ``|S_w_hat + 2 g_w_hat / N|`` on the max-normalized weights
+    (``normalize=True``); ``g`` is the sum over batches of each batch's
+    mean-loss gradient, ``N`` the number of examples, ``s`` the leaf's full
+    scale under ``scale``. In weight units it ranks like a curvature: with
+    per-layer (per-channel) sigmas ``sigma_i = s c sigma`` of the same
+    ``scale``, ``h_i (sigma_u,i^2 - sigma_v,i^2) = |S_w_hat + 2 g_w_hat / N|
+    c^2 (sigma_u^2 - sigma_v^2)``, so :func:`swimjax.selection.select` picks
+    exactly the weights the reference picks. Scores are >= 0.
+    """
+    return swim(key, apply_fn, params, batches, loss, normalize=normalize, first_order=True,
+                scale=scale, selected=selected)
+
+
+@functools.partial(jax.jit, static_argnames=("flags", "scale"))
+def _to_weight_units_impl(scores, params, *, flags, scale):
     leaves, treedef = jax.tree_util.tree_flatten(scores)
     out = []
     for h, p, f in zip(leaves, jax.tree_util.tree_leaves(params), flags):
-        if f:
-            s2 = jnp.square(_scale_of(p))
-            h = jnp.where(s2 > 0, h / jnp.where(s2 > 0, s2, 1.0), 0.0)
-        out.append(h)
+        out.append(_safe_div(h, jnp.square(_scale_of(p, scale))) if f else h)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def to_weight_units(scores: PyTree, params: PyTree, selected: PyTree | None = None) -> PyTree:
-    """Converts ``swim(normalize=True)`` scores (w.r.t. ``w / max|W|``) to weight units.
+def to_weight_units(scores: PyTree, params: PyTree, selected: PyTree | None = None, *,
+                    scale: Scale = "per_tensor") -> PyTree:
+    """Converts ``swim(normalize=True)`` scores (w.r.t. ``w / s``) to weight units.
 
-    Divides every mapped leaf by ``max|W|^2`` (an all-zero leaf stays zero).
+    Divides every mapped leaf by ``s^2``, ``s = max|W|`` per tensor or per
+    output channel (``scale``, as in :func:`swim`); where ``s = 0`` (an
+    all-zero tensor or channel) the result is 0.
     """
+    scale = _check_scale(scale)
     v.check_same_structure("scores", scores, params)
     flags = _resolve_selected(params, selected)
-    return _to_weight_units_impl(scores, params, flags=flags)
+    return _to_weight_units_impl(scores, params, flags=flags, scale=scale)
 
 
 # --------------------------------------------------------------------------
@@ -719,17 +781,51 @@ def hessian_diag(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: 
 # --------------------------------------------------------------------------
 
 
-@jax.jit
-def _magnitude_impl(params):
-    return jax.tree_util.tree_map(jnp.abs, params)
+@functools.partial(jax.jit, static_argnames=("flags", "scale"))
+def _magnitude_impl(params, *, flags, scale):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    out = [_safe_div(jnp.abs(p), _scale_of(p, scale)) if f else jnp.abs(p)
+           for p, f in zip(leaves, flags)]
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def magnitude(key: Array | None = None, apply_fn: ApplyFn | None = None, params: PyTree = None,
-              batches: Any = None, loss: LossFn | None = None) -> PyTree:
-    """``|w|`` (data unused)."""
+              batches: Any = None, loss: LossFn | None = None, *,
+              scale: Scale = "per_tensor", selected: PyTree | None = None) -> PyTree:
+    """SWIM's magnitude baseline: ``|w| / max|W_layer|``, in ``[0, 1]`` (data unused).
+
+    SWIM's reference normalizes every layer by its own full scale before
+    ranking, so each weight competes by its magnitude *relative to its layer*
+    (a layer of large weights does not take the whole budget). The "layer" is
+    the unit that shares one full scale on the devices: the mapped leaf with
+    ``scale="per_tensor"``, each output channel (last axis) with
+    ``scale="per_channel"`` (the same ``s`` as
+    :func:`swimjax.mapping.compute_scale`); pass the scale of the mapping in
+    use. An all-zero tensor/channel scores 0. Unmapped leaves (``selected``,
+    default :func:`swimjax.mapping.mapped_leaves`) keep ``|w|``; they are
+    never selected. Raw ``|w|`` across layers is :func:`magnitude_raw`.
+
+    Returns:
+      Pytree like ``params``, dtype of ``params``.
+    """
+    del key, apply_fn, batches, loss
+    scale = _check_scale(scale)
+    _check_params(params)
+    flags = _resolve_selected(params, selected)
+    return _magnitude_impl(params, flags=flags, scale=scale)
+
+
+def magnitude_raw(key: Array | None = None, apply_fn: ApplyFn | None = None,
+                  params: PyTree = None, batches: Any = None,
+                  loss: LossFn | None = None) -> PyTree:
+    """``|w|`` in weight units, compared across layers as is (data unused).
+
+    Not SWIM's baseline (see :func:`magnitude`): with a global budget it
+    favours the layers with the largest scale.
+    """
     del key, apply_fn, batches, loss
     _check_params(params)
-    return _magnitude_impl(params)
+    return jax.tree_util.tree_map(jnp.abs, params)
 
 
 @jax.jit
@@ -772,13 +868,15 @@ def saliency(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
              loss: LossFn | None = None, *, estimator: str = "swim", **kw) -> PyTree:
     """OBD saliency ``|h| * w^2`` with ``h`` from ``estimator`` (default ``swim``).
 
-    Scale-invariant: ``h_w w^2 = h_{w_hat} w_hat^2``, so ``swim`` is evaluated
-    in weight units here (SWIM's reference computes ``S_{w_hat} * w_hat^2``,
-    the same numbers). ``kw`` go to the estimator.
+    Scale-invariant: ``h_w w^2 = h_{w_hat} w_hat^2``, so ``swim`` and
+    ``swim_grad`` are evaluated in weight units here (SWIM's reference
+    computes ``S_{w_hat} * w_hat^2``, the same numbers; its saliency baseline
+    includes the first-order term: ``estimator="swim_grad"``, with the
+    mapping's ``scale`` in ``kw``). ``kw`` go to the estimator.
     """
     v.check_choice("estimator", estimator,
                    tuple(m for m in METHODS if m not in BASELINE_METHODS))
-    if estimator == "swim":
+    if estimator in ("swim", "swim_grad"):
         kw = {**kw, "normalize": False}   # weight units: h_w * w^2
     h = score(estimator, key, apply_fn, params, batches, loss, **kw)
     return jax.tree_util.tree_map(lambda a, p: jnp.abs(a) * jnp.square(p), h, params)
@@ -790,21 +888,30 @@ def saliency(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
 
 METHODS: dict[str, Callable[..., PyTree]] = {
     "swim": swim,
+    "swim_grad": swim_grad,
     "hutchinson": hutchinson,
     "ggn": ggn,
     "fisher": fisher,
     "empirical_fisher": _empirical_fisher,
     "hessian_diag": hessian_diag,
     "magnitude": magnitude,
+    "magnitude_raw": magnitude_raw,
     "random": random,
     "gradient": gradient,
     "saliency": saliency,
 }
 
 #: Methods whose scores are not a curvature h_ii (rank by the score itself,
-#: not by h_ii * (sigma_u^2 - sigma_v^2)).
-BASELINE_METHODS: tuple[str, ...] = ("magnitude", "random", "gradient", "saliency")
+#: not by h_ii * (sigma_u^2 - sigma_v^2)). ``swim_grad`` is NOT one: in
+#: weight units it ranks like a curvature (see :func:`swim_grad`).
+BASELINE_METHODS: tuple[str, ...] = ("magnitude", "magnitude_raw", "random", "gradient",
+                                     "saliency")
 _NOT_CURVATURE = BASELINE_METHODS  # backward-compatible private alias
+
+#: Methods that take ``scale=`` ("per_tensor" | "per_channel"): pass the scale
+#: of the mapping / perturbation the scores will be used with. (For ``swim``
+#: it only matters with ``normalize=True``.)
+SCALE_METHODS: tuple[str, ...] = ("swim", "swim_grad", "magnitude")
 
 
 def available_methods() -> tuple[str, ...]:

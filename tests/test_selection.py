@@ -194,7 +194,46 @@ def test_predicted_loss_ranks_masks_like_monte_carlo():
     np.testing.assert_allclose(measured, predicted, rtol=0.25)
 
 
-@pytest.mark.parametrize("budget", [-0.01, 1.01, float("nan"), "half"])
+@pytest.mark.parametrize("scale", ["per_tensor", "per_channel"])
+def test_magnitude_baseline_selects_swims_relative_magnitudes(scale):
+    """SWIM's magnitude baseline: rank |w| / max|W_layer| globally (the reference
+    normalizes every layer, then takes one threshold over all of them)."""
+    r = np.random.default_rng(11)
+    params = {"big": {"kernel": jnp.asarray(100.0 * r.standard_normal((8, 6)), jnp.float32),
+                      "bias": jnp.asarray(r.standard_normal(6), jnp.float32)},
+              "small": {"kernel": jnp.asarray(0.01 * r.standard_normal((6, 5)), jnp.float32)}}
+    kernels = [np.asarray(params[k]["kernel"], np.float64) for k in ("big", "small")]
+    axes = lambda w: tuple(range(w.ndim - 1)) if scale == "per_channel" else None  # noqa: E731
+    rel = np.concatenate([(np.abs(w) / np.abs(w).max(axis=axes(w), keepdims=True)).ravel()
+                          for w in kernels])
+    n = rel.size                                           # 78
+    scores = sens.magnitude(params=params, scale=scale)
+    for budget in (0.2, 0.5, 0.8):   # cuts outside the tied block of per-channel maxima (1.0)
+        k = int(np.floor(budget * n + 0.5))
+        want = np.zeros(n, bool)
+        want[np.argsort(-rel, kind="stable")[:k]] = True
+        mask = sel.select(scores, budget, params=params)   # baselines: sigma 1 and 0
+        got = np.concatenate([np.ravel(mask[k2]["kernel"]) for k2 in ("big", "small")])
+        np.testing.assert_array_equal(got, want, err_msg=str(budget))
+        assert 0 < np.sum(mask["small"]["kernel"]) < mask["small"]["kernel"].size
+    # raw |w| across layers: the large-scale layer takes the whole budget
+    raw = sel.select(sens.magnitude_raw(params=params), 0.5, params=params)
+    assert not np.any(raw["small"]["kernel"]) and int(np.sum(raw["big"]["kernel"])) == 39
+
+
+def test_negative_scores_rank_last_and_are_not_folded():
+    # signed estimators (hutchinson) may give h < 0: ranked as is, lowest last
+    scores = {"a": jnp.asarray([[-5.0, 1.0], [0.5, -0.1]]), "b": jnp.asarray([[2.0, -3.0]])}
+    m = sel.select(scores, 0.5)                    # 3 of 6
+    np.testing.assert_array_equal(m["a"], [[False, True], [True, False]])
+    np.testing.assert_array_equal(m["b"], [[True, False]])
+    m = sel.select(scores, 5 / 6)                  # then -0.1, then -3.0; -5.0 last
+    np.testing.assert_array_equal(m["a"], [[False, True], [True, True]])
+    np.testing.assert_array_equal(m["b"], [[True, True]])
+
+
+@pytest.mark.parametrize("budget", [-0.01, 1.01, float("nan"), "half", "0.5", True,
+                                    np.bool_(False), [0.5]])
 def test_budget_outside_range_raises(budget):
     with pytest.raises(ValueError, match=r"budget must be"):
         sel.select(tree(0), budget)
@@ -208,6 +247,16 @@ def test_bad_structures_raise():
         sel.select({**scores, "dense": {"kernel": jnp.ones((7, 10))}}, 0.5, params=params)
     with pytest.raises(ValueError, match="sigma_unverified must be"):
         sel.select(scores, 0.5, sigma_unverified=-1.0)
+    for bad in (float("nan"), float("inf"), True, np.bool_(True), "0.1"):
+        with pytest.raises(ValueError, match="sigma_unverified must be"):
+            sel.select(scores, 0.5, sigma_unverified=bad)
+    with pytest.raises(ValueError, match=r"sigma_verified\['dense'\]\['kernel'\] must be finite"):
+        sel.select(scores, 0.5, sigma_verified={"conv": {"kernel": jnp.ones((3, 3, 2, 4)),
+                                                         "bias": jnp.ones(4)},
+                                                "dense": {"kernel": jnp.full((10, 7), jnp.nan,
+                                                                             jnp.bfloat16)}})
+    with pytest.raises(ValueError, match=r"sigma_unverified\['conv'\]\['bias'\] must be real"):
+        sel.select(scores, 0.5, sigma_unverified=sel.select(scores, 0.5))   # a mask, by mistake
     with pytest.raises(ValueError, match="sigma_verified"):
         sel.select(scores, 0.5, sigma_verified={"conv": scores["conv"]})
     with pytest.raises(ValueError, match="selected"):

@@ -407,7 +407,13 @@ def test_baselines_magnitude_random_saliency():
     p = mlp_init(25)
     x, y = data(26, 10, (6,))
     b = (x[None], y[None])
-    np.testing.assert_array_equal(flat(sens.score("magnitude", None, None, p)), np.abs(flat(p)))
+    np.testing.assert_array_equal(flat(sens.score("magnitude_raw", None, None, p)),
+                                  np.abs(flat(p)))
+    # SWIM's magnitude: relative to each mapped leaf's max; biases keep |w|
+    want = {k: np.abs(a) / np.abs(a).max() if a.ndim >= 2 else np.abs(a) for k, a in p.items()}
+    mag = sens.score("magnitude", None, None, p)
+    np.testing.assert_allclose(flat(mag), flat(want), rtol=2e-7)
+    assert float(jnp.max(mag["w1"])) == float(jnp.max(mag["w2"])) == 1.0
     r1 = sens.score("random", jax.random.key(1), None, p)
     r2 = sens.score("random", jax.random.key(1), None, p)
     r3 = sens.score("random", jax.random.key(2), None, p)
@@ -424,6 +430,138 @@ def test_baselines_magnitude_random_saliency():
     ref = {k: hn[k] * (p[k] / jnp.max(jnp.abs(p[k]))) ** 2 if p[k].ndim >= 2
            else hn[k] * p[k] ** 2 for k in p}
     np.testing.assert_allclose(flat(sal), flat(ref), rtol=1e-5, atol=1e-12)
+
+
+# ------------------------------------- SWIM's reference score and per-channel scales
+
+
+def _np_scale(w, scale):
+    """max|W| per tensor, or per output channel (last axis, keepdims)."""
+    a = np.abs(w)
+    return a.max(axis=tuple(range(w.ndim - 1)), keepdims=True) if scale == "per_channel" \
+        else a.max()
+
+
+def _np_swim_reference(p, x, y, batch, scale):
+    """SWIM's reference ranking score |S + 2 g| on max-normalized weights, float64.
+
+    As its code does it: weights w_hat = w / s with the layer output multiplied
+    by s; S summed over examples by the OBD recursion (softmax-CE p(1-p),
+    squared coefficients, ReLU mask); g the sum over batches of the gradient of
+    each batch's MEAN loss (the last batch may be shorter); then S + 2g.
+    """
+    P = {k: np.asarray(a, np.float64) for k, a in p.items()}
+    s1, s2 = _np_scale(P["w1"], scale), _np_scale(P["w2"], scale)
+    w1h, w2h = P["w1"] / s1, P["w2"] / s2
+    X, Y = np.asarray(x, np.float64), np.asarray(y)
+    S1, S2 = np.zeros_like(w1h), np.zeros_like(w2h)
+    G1, G2 = np.zeros_like(w1h), np.zeros_like(w2h)
+    for i in range(0, len(X), batch):
+        xb, yb = X[i:i + batch], Y[i:i + batch]
+        pre = (xb @ w1h) * s1 + P["b1"]
+        a = np.maximum(pre, 0)
+        prob = softmax64((a @ w2h) * s2 + P["b2"])
+        s_z = prob * (1 - prob)
+        S2 += (a ** 2).T @ s_z * s2 ** 2
+        s_pre = (s_z @ ((w2h * s2) ** 2).T) * (pre > 0)
+        S1 += (xb ** 2).T @ s_pre * s1 ** 2
+        dz = (prob - np.eye(C)[yb]) / len(xb)
+        G2 += a.T @ dz * s2
+        dpre = (dz @ (w2h * s2).T) * (pre > 0)
+        G1 += xb.T @ dpre * s1
+    return {"w1": S1 + 2 * G1, "w2": S2 + 2 * G2}
+
+
+def _top(score, k):
+    out = np.zeros(score.size, bool)
+    out[np.argsort(-score, kind="stable")[:k]] = True
+    return out
+
+
+@pytest.mark.parametrize("scale", ["per_tensor", "per_channel"])
+def test_swim_grad_with_weight_sigmas_selects_swims_reference_weights(scale):
+    from swimjax import perturbation, selection
+    p = mlp_init(40, d=6, h=8)
+    p = {**p, "w1": 20.0 * p["w1"], "w2": 0.05 * p["w2"]}   # very different layer scales
+    x, y = data(41, 30, (6,))
+    batch = 4     # 30 = 7 * 4 + 2: the last batch is short (padded here, short there)
+    ref = _np_swim_reference(p, x, y, batch, scale)
+    raw = np.concatenate([ref["w1"].ravel(), ref["w2"].ravel()])
+    assert np.any(raw < 0)                          # the first-order term matters here
+    # The sweep's rule for curvature methods: h in weight units, per-layer
+    # (per-channel) sigmas proportional to the scale.
+    h = sens.score("swim_grad", None, mlp_apply, p, sens.make_batches(x, y, batch), scale=scale)
+    assert all(np.all(np.asarray(a) >= 0) for a in jax.tree_util.tree_leaves(h))
+    cfg = perturbation.VariationConfig(sigma_d=0.2, sigma_wv=0.03, scale=scale)
+    su, sv = perturbation.weight_sigmas(p, cfg)
+    n = raw.size
+    signed_differs = False
+    for budget in (0.05, 0.1, 0.2, 0.5, 0.8):
+        k = int(np.floor(budget * n + 0.5))
+        mask = selection.select(h, budget, sigma_unverified=su, sigma_verified=sv, params=p)
+        got = np.concatenate([np.ravel(mask["w1"]), np.ravel(mask["w2"])])
+        np.testing.assert_array_equal(got, _top(np.abs(raw), k), err_msg=str(budget))
+        signed_differs |= not np.array_equal(got, _top(raw, k))
+        assert not np.any(mask["b1"]) and not np.any(mask["b2"])
+    assert signed_differs    # SWIM ranks |S + 2g|, not S + 2g
+    # the same scores on the normalized weights, in the reference's units / N
+    hn = sens.swim_grad(None, mlp_apply, p, sens.make_batches(x, y, batch), normalize=True,
+                        scale=scale)
+    for k in ("w1", "w2"):
+        np.testing.assert_allclose(hn[k], np.abs(ref[k]) / len(x), rtol=2e-5, atol=1e-9)
+    np.testing.assert_allclose(flat(sens.to_weight_units(hn, p, scale=scale)), flat(h),
+                               rtol=1e-5, atol=1e-12)
+
+
+def test_swim_normalize_and_to_weight_units_use_the_mapping_scale():
+    p = mlp_init(42)
+    p = {**p, "w2": p["w2"].at[:, 1].set(0.0)}      # an all-zero output channel
+    x, y = data(43, 16, (6,))
+    b = (x[None], y[None])
+    s_w = sens.swim(None, mlp_apply, p, b)
+    for scale in ("per_tensor", "per_channel"):
+        hn = sens.swim(None, mlp_apply, p, b, normalize=True, scale=scale)
+        for k in p:
+            a = np.asarray(p[k], np.float64)
+            s2 = _np_scale(a, scale) ** 2 if a.ndim >= 2 else 1.0
+            np.testing.assert_allclose(hn[k], np.asarray(s_w[k]) * s2, rtol=1e-6, atol=1e-12,
+                                       err_msg=f"{scale} {k}")
+        back = sens.to_weight_units(hn, p, scale=scale)
+        want = {**s_w, "w2": s_w["w2"].at[:, 1].set(0.0)} if scale == "per_channel" else s_w
+        np.testing.assert_allclose(flat(back), flat(want), rtol=1e-5, atol=1e-12)
+    # per-tensor and per-channel normalizations differ (else this test shows nothing)
+    assert not np.allclose(sens.swim(None, mlp_apply, p, b, normalize=True)["w1"],
+                           sens.swim(None, mlp_apply, p, b, normalize=True,
+                                     scale="per_channel")["w1"])
+    # the all-zero channel: magnitude 0, first-order weight-unit score = S_w
+    m = sens.magnitude(params=p, scale="per_channel")
+    assert np.all(np.asarray(m["w2"][:, 1]) == 0)
+    np.testing.assert_array_equal(np.asarray(m["w2"]).max(0), [1, 0, 1, 1, 1])
+    g = sens.swim_grad(None, mlp_apply, p, b, scale="per_channel")
+    np.testing.assert_allclose(g["w2"][:, 1], s_w["w2"][:, 1], rtol=1e-6)
+
+
+def test_method_registry_and_scale_option():
+    names = sens.available_methods()
+    for m in ("swim", "swim_grad", "magnitude", "magnitude_raw"):
+        assert m in names
+    assert "magnitude_raw" in sens.BASELINE_METHODS and "magnitude" in sens.BASELINE_METHODS
+    assert "swim_grad" not in sens.BASELINE_METHODS     # ranked as a curvature
+    assert set(sens.SCALE_METHODS) <= set(names) - {"magnitude_raw"}
+    p = mlp_init(44)
+    x, y = data(45, 8, (6,))
+    for m in sens.SCALE_METHODS:
+        sens.score(m, None, mlp_apply, p, (x[None], y[None]), scale="per_channel")
+        with pytest.raises(ValueError, match=r"scale must be one of \['per_channel', "
+                                             r"'per_tensor'\], got 'layer'"):
+            sens.score(m, None, mlp_apply, p, (x[None], y[None]), scale="layer")
+    with pytest.raises(ValueError, match="scale must be one of"):
+        sens.to_weight_units(p, p, scale=None)
+    # saliency with SWIM's first-order estimator: |S_w + 2 g_w / (N s)| w^2
+    sal = sens.saliency(None, mlp_apply, p, (x[None], y[None]), estimator="swim_grad",
+                        normalize=True)
+    h = sens.swim_grad(None, mlp_apply, p, (x[None], y[None]))
+    np.testing.assert_allclose(flat(sal), flat(h) * flat(p) ** 2, rtol=1e-6)
 
 
 # -------------------------------------------------------------- bad input
