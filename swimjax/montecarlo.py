@@ -1,8 +1,18 @@
 """Monte-Carlo evaluation of a network under device variation.
 
-One Monte-Carlo run = one variation instance ``perturb_fn(key_i, params)``
-evaluated on the whole dataset ``(x, y)``; run ``i`` always uses
+One Monte-Carlo run = one variation instance ``perturb_fn(key_i, params,
+state)`` evaluated on the whole dataset ``(x, y)``; run ``i`` always uses
 ``jax.random.split(key, n_runs)[i]``.
+
+**Perturbations are functions, their settings are data.** A perturbation is a
+:class:`swimjax.perturbation.Perturbation` (``init``/``apply``) or any pure
+``perturb_fn(key, params, state) -> params``; its *state* (the write-verify
+mask, the sigmas, ...) is an ordinary pytree argument. The compiled program
+depends on the functions and the shapes only, so a sweep over masks or sigmas
+compiles once, and :func:`evaluate_many` evaluates a list of states (stacked,
+indexed per group of runs inside the program) in one pass over the devices,
+each state bit-identical to its own :func:`evaluate`; :func:`iter_many` yields
+each state's result as soon as it is finished.
 
 How the work is laid out (see :func:`plan`):
 
@@ -21,9 +31,10 @@ How the work is laid out (see :func:`plan`):
 * **batches inside a run.** The dataset is cut into ``batch_size`` examples per
   step, looped over with ``lax.scan`` (the last batch is padded and masked), so
   activation memory does not grow with the dataset.
-* **groups, chunks and devices.** The runs are cut into groups of
-  ``vmap_size`` (the last group padded with copies of the last key, whose
-  results are dropped), plus one group that evaluates the clean parameters.
+* **groups, chunks and devices.** The runs of each state are cut into groups
+  of ``vmap_size`` (the last group padded with copies of the last key, whose
+  results are dropped), plus one group, first, that evaluates the clean
+  parameters; groups are ordered state by state.
   About ``chunk_size`` runs (whole groups, a multiple of the device count) form
   one dispatched call, sharded over all local devices (a 1-D ``Mesh`` over
   ``jax.local_devices()``, axis ``"runs"``, keys sharded on the run axis);
@@ -75,8 +86,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -88,9 +101,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from swimjax import _jaxpr
 from swimjax import _runbatch
 from swimjax import _validation as v
+from swimjax.perturbation import Perturbation
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
-PerturbFn = Callable[[jax.Array, Any], Any]
+#: ``perturb_fn(key, params, state) -> params``: one variation instance; ``state``
+#: is the perturbation's data (mask, sigmas; any pytree, or None).
+PerturbFn = Callable[[jax.Array, Any, Any], Any]
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 #: Default hard bound (bytes per device) on one vmapped group's working set.
@@ -160,15 +176,17 @@ class MCResult(NamedTuple):
 class Plan:
     """How :func:`evaluate` lays out the work (all sizes are counts).
 
-    The runs are cut into groups of ``vmap_size`` (the last one padded); one
-    more group evaluates the clean parameters. Each dispatched call (a chunk)
-    evaluates ``groups_per_chunk`` groups, split evenly over the devices.
+    The runs of each state are cut into groups of ``vmap_size`` (the last one
+    padded); one more group, first, evaluates the clean parameters. Each
+    dispatched call (a chunk) evaluates ``groups_per_chunk`` groups, split
+    evenly over the devices.
 
     Attributes:
       n_runs: Monte-Carlo runs.
       n_devices: local devices the runs are sharded over.
       vmap_size: runs vmapped together on one device.
-      n_groups: ``ceil(n_runs / vmap_size) + 1`` (the clean group last).
+      n_groups: ``n_states * ceil(n_runs / vmap_size) + 1`` (the clean group
+        first).
       groups_per_chunk: groups per call, a multiple of ``n_devices``.
       chunk_size: ``groups_per_chunk * vmap_size``, runs per call (the asked
         chunk size rounded up to whole groups and to the device count).
@@ -187,6 +205,11 @@ class Plan:
       lowering: how a group's forward pass is built: ``"gemm"`` (per-run
         convolutions as im2col + matrix products, see :mod:`swimjax._runbatch`)
         or ``"vmap"`` (``jax.vmap`` of ``apply_fn``).
+      n_states: perturbation states evaluated (each with all ``n_runs`` runs).
+      states_per_call: states stacked into one call (all of them unless their
+        bytes exceed a quarter of the memory budget; calls then take blocks of
+        states, padded to the same size so that one program serves all).
+      state_bytes: bytes of one state.
     """
 
     n_runs: int
@@ -203,6 +226,9 @@ class Plan:
     activation_bytes: int
     group_bytes: int
     lowering: str = "gemm"
+    n_states: int = 1
+    states_per_call: int = 1
+    state_bytes: int = 0
 
 
 # ----------------------------------------------------------------------------
@@ -263,24 +289,34 @@ def _abstract(tree: Any) -> Any:
 
 def estimate_bytes(apply_fn: ApplyFn, params: Any, perturb_fn: PerturbFn | None, x: Any,
                    key: jax.Array | None = None,
-                   lowering: str = "gemm") -> tuple[int, int]:
+                   lowering: str = "gemm", state: Any = None) -> tuple[int, int]:
     """Estimated ``(bytes per run, activation bytes per example)``.
 
     Per run: the perturbed parameters plus twice the largest single value
-    ``perturb_fn`` creates (a draw and its transform; XLA fuses the elementwise
-    chains, so summing every temporary would overestimate several-fold). Per
-    example: the difference of the jaxpr totals of
-    ``apply_fn`` (as ``lowering`` builds it for one run, im2col patches
-    included) on 2 and on 1 example (every intermediate counted, so an upper
-    bound of what is live at once) plus the example itself. Cached on the
-    functions and the shapes.
+    ``perturb_fn(key, params, state)`` creates (a draw and its transform; XLA
+    fuses the elementwise chains, so summing every temporary would
+    overestimate several-fold). Per example: the difference of the jaxpr
+    totals of ``apply_fn`` (as ``lowering`` builds it for one run, im2col
+    patches included) on 2 and on 1 example (every intermediate counted, so an
+    upper bound of what is live at once) plus the example itself. Cached on
+    the functions and the shapes.
     """
     k = jax.random.key(0) if key is None else key
-    leaves, treedef = jax.tree.flatten(params)
-    p_sig = (treedef, tuple((np.shape(a), jnp.asarray(a).dtype) for a in leaves))
     x_dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
-    return _cached(_estimate_bytes, apply_fn, perturb_fn, p_sig, tuple(np.shape(x)[1:]),
-                   jnp.dtype(x_dtype), (np.shape(k), k.dtype), lowering)
+    return _cached(_estimate_bytes, apply_fn, perturb_fn, _signature(params),
+                   tuple(np.shape(x)[1:]), jnp.dtype(x_dtype), (np.shape(k), k.dtype), lowering,
+                   _signature(state))
+
+
+def _signature(tree: Any) -> tuple:
+    """A hashable (structure, shapes, dtypes) signature of a pytree."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((np.shape(a), jnp.asarray(a).dtype) for a in leaves)
+
+
+def _from_signature(sig: tuple) -> Any:
+    treedef, leaves = sig
+    return treedef.unflatten([jax.ShapeDtypeStruct(s, d) for s, d in leaves])
 
 
 def _cached(fn: Any, *args: Any) -> Any:
@@ -296,13 +332,12 @@ def _cached(fn: Any, *args: Any) -> Any:
 @functools.lru_cache(maxsize=64)
 def _estimate_bytes(apply_fn: ApplyFn, perturb_fn: PerturbFn | None, p_sig: tuple,
                     ex_shape: tuple, dtype: Any, key_sig: tuple,
-                    lowering: str) -> tuple[int, int]:
-    treedef, leaves = p_sig
-    p_abs = treedef.unflatten([jax.ShapeDtypeStruct(s, d) for s, d in leaves])
+                    lowering: str, s_sig: tuple) -> tuple[int, int]:
+    p_abs = _from_signature(p_sig)
     param_bytes = _tree_bytes(p_abs)
     if perturb_fn is not None:
         k = jax.ShapeDtypeStruct(*key_sig)
-        jp = jax.make_jaxpr(perturb_fn)(k, p_abs)
+        jp = jax.make_jaxpr(perturb_fn)(k, p_abs, _from_signature(s_sig))
         param_bytes += 2 * _jaxpr_bytes(jp.jaxpr, max)
 
     p_one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape), a.dtype), p_abs)
@@ -321,12 +356,16 @@ def _platform(devices: list) -> str:
     return devices[0].platform
 
 
-def plan(apply_fn: ApplyFn, params: Any, perturb_fn: PerturbFn | None, x: Any, n_runs: int, *,
+def plan(apply_fn: ApplyFn, params: Any, perturb_fn: Perturbation | PerturbFn | None, x: Any,
+         n_runs: int, *,
          chunk_size: int | None = None, batch_size: int | None = None,
          vmap_size: int | None = None, memory_budget: int | None = None,
          devices: list | None = None, key: jax.Array | None = None,
-         lowering: str | None = None) -> Plan:
-    """The layout :func:`evaluate` uses (defaults resolved); see :class:`Plan`.
+         lowering: str | None = None, state: Any = None, n_states: int = 1) -> Plan:
+    """The layout :func:`evaluate_many` uses (defaults resolved); see :class:`Plan`.
+
+    ``state`` is one perturbation state (for the memory estimate) and
+    ``n_states`` the number of states evaluated together.
 
     Defaults: ``vmap_size`` per backend (:data:`DEFAULT_VMAP_SIZE`);
     ``batch_size`` so that one vmapped step holds about :data:`STEP_BYTES` of
@@ -337,6 +376,7 @@ def plan(apply_fn: ApplyFn, params: Any, perturb_fn: PerturbFn | None, x: Any, n
     depends on the device count or the chunk size, so neither changes results.
     """
     v.check_int("n_runs", n_runs, 1, None)
+    v.check_int("n_states", n_states, 1, None)
     if chunk_size is not None:
         v.check_int("chunk_size", chunk_size, 1, None)
     if batch_size is not None:
@@ -357,7 +397,17 @@ def plan(apply_fn: ApplyFn, params: Any, perturb_fn: PerturbFn | None, x: Any, n
     if n < 1:
         raise ValueError("x must hold at least one example (first dimension >= 1)")
 
-    param_bytes, act_bytes = estimate_bytes(apply_fn, params, perturb_fn, x, key, lowering)
+    if perturb_fn is not None:
+        if state is None and isinstance(perturb_fn, Perturbation):
+            state = perturb_fn.init(params)
+        perturb_fn = _resolve_perturbation(perturb_fn)
+    param_bytes, act_bytes = estimate_bytes(apply_fn, params, perturb_fn, x, key, lowering,
+                                            state)
+    state_bytes = _tree_bytes(state)
+    # the stacked states of one call are replicated on every device: at most a
+    # quarter of the budget, at least one state
+    states_per_call = min(n_states, max(1, (budget // 4) // max(1, state_bytes)))
+    budget = max(1, budget - states_per_call * state_bytes)
     w = vmap_size or DEFAULT_VMAP_SIZE.get(platform, DEFAULT_VMAP_SIZE_ACCELERATOR)
     step_bytes = STEP_BYTES.get(platform, STEP_BYTES_ACCELERATOR)
 
@@ -383,18 +433,37 @@ def plan(apply_fn: ApplyFn, params: Any, perturb_fn: PerturbFn | None, x: Any, n
             f"(vmap_size={w}, batch_size={b}) exceeds memory_budget={budget}",
             RuntimeWarning, stacklevel=3)
 
-    n_groups = -(-n_runs // w) + 1
+    run_groups = -(-n_runs // w)
+    n_groups = n_states * run_groups + 1
     if chunk_size is None:
         gpc = -(-n_groups // DEFAULT_N_CHUNKS)
     else:
         gpc = -(-chunk_size // w)
-    gpc = min(-(-gpc // n_dev), -(-n_groups // n_dev)) * n_dev
+    block_groups = [len(bl) for bl in _block_groups(n_states, states_per_call, run_groups)]
+    gpc = min(-(-gpc // n_dev), -(-max(block_groups) // n_dev)) * n_dev
     return Plan(n_runs=n_runs, n_devices=n_dev, vmap_size=w, n_groups=n_groups,
                 groups_per_chunk=gpc, chunk_size=gpc * w,
-                compiled_groups=max(gpc, 2 * n_dev), n_chunks=-(-n_groups // gpc),
+                compiled_groups=max(gpc, 2 * n_dev),
+                n_chunks=sum(-(-g // gpc) for g in block_groups),
                 batch_size=b, n_batches=-(-n // b), param_bytes=param_bytes,
                 activation_bytes=act_bytes, group_bytes=w * (param_bytes + b * act_bytes),
-                lowering=lowering)
+                lowering=lowering, n_states=n_states, states_per_call=states_per_call,
+                state_bytes=state_bytes)
+
+
+def _block_groups(n_states: int, states_per_call: int, run_groups: int
+                  ) -> list[list[tuple[int, int]]]:
+    """The groups of each block of states, as ``(state, run group)`` pairs in
+    evaluation order; ``(-1, 0)`` is the clean group, first of the first block.
+    State-major order, so a state's results are complete as soon as the chunk
+    holding its last group returns."""
+    blocks = []
+    for s0 in range(0, n_states, states_per_call):
+        groups = [(-1, 0)] if s0 == 0 else []
+        groups += [(s, j) for s in range(s0, min(n_states, s0 + states_per_call))
+                   for j in range(run_groups)]
+        blocks.append(groups)
+    return blocks
 
 
 # ----------------------------------------------------------------------------
@@ -462,24 +531,29 @@ def _group_metrics(apply_r: Callable, loss_fn: LossFn, params_r: Any, xb: jax.Ar
 
 def _device_fn(apply_fn: ApplyFn, perturb_fn: PerturbFn, loss_fn: LossFn, vmap_size: int,
                lowering: str):
-    """Per-device body: loop over this device's groups of ``vmap_size`` runs."""
-    apply_r = _batched_apply(apply_fn, lowering)
-    perturb_r = jax.vmap(perturb_fn, in_axes=(0, None))
+    """Per-device body: loop over this device's groups of ``vmap_size`` runs.
 
-    def group_fn(keys, clean, params, xb, yb, mb):
-        noisy = perturb_r(keys, params)
+    Every group runs the same vmapped body: draw ``vmap_size`` perturbed
+    parameter sets from the group's keys and its state (``states[sidx]``, a
+    dynamic index into the stacked states), then the batches."""
+    apply_r = _batched_apply(apply_fn, lowering)
+    perturb_r = jax.vmap(perturb_fn, in_axes=(0, None, None))
+
+    def group_fn(keys, clean, state, params, xb, yb, mb):
+        noisy = perturb_r(keys, params, state)
         q = jax.tree.map(
             lambda p, n: jnp.where(clean.reshape((-1,) + (1,) * (n.ndim - 1)),
                                    jnp.asarray(p).astype(n.dtype), n), params, noisy)
         return _group_metrics(apply_r, loss_fn, q, xb, yb, mb)
 
-    def body(keys, clean, n_groups, params, xb, yb, mb):
+    def body(keys, clean, sidx, n_groups, params, states, xb, yb, mb):
         g_max = keys.shape[0] // vmap_size
         keys = keys.reshape(g_max, vmap_size, *keys.shape[1:])
         clean = clean.reshape(g_max, vmap_size)
 
         def loop(g, acc):
-            c, l = group_fn(keys[g], clean[g], params, xb, yb, mb)
+            state = jax.tree.map(lambda a: a[sidx[g]], states)
+            c, l = group_fn(keys[g], clean[g], state, params, xb, yb, mb)
             return acc[0].at[g].set(c), acc[1].at[g].set(l)
 
         init = (jnp.zeros((g_max, vmap_size), jnp.int32),
@@ -494,11 +568,11 @@ def _device_fn(apply_fn: ApplyFn, perturb_fn: PerturbFn, loss_fn: LossFn, vmap_s
 def _chunk_fn(apply_fn: ApplyFn, perturb_fn: PerturbFn, loss_fn: LossFn, vmap_size: int,
               lowering: str, devices: tuple) -> tuple[Callable, Mesh]:
     """The jitted, sharded chunk program (cached, so repeated evaluations of the
-    same functions compile once)."""
+    same functions compile once, whatever the masks and sigmas in the states)."""
     mesh = Mesh(np.array(devices), (_AXIS,))
     fn = jax.jit(jax.shard_map(
         _device_fn(apply_fn, perturb_fn, loss_fn, vmap_size, lowering), mesh=mesh,
-        in_specs=(PartitionSpec(_AXIS),) * 3 + (PartitionSpec(),) * 4,
+        in_specs=(PartitionSpec(_AXIS),) * 4 + (PartitionSpec(),) * 5,
         out_specs=(PartitionSpec(_AXIS), PartitionSpec(_AXIS)), check_vma=False))
     return fn, mesh
 
@@ -517,21 +591,63 @@ def _batches(x: jax.Array, y: jax.Array, batch_size: int):
             jnp.asarray(mask.reshape(nb, batch_size)))
 
 
-def evaluate(key: jax.Array, apply_fn: ApplyFn, params: Any, perturb_fn: PerturbFn,
-             x: Any, y: Any, n_runs: int, *, chunk_size: int | None = None,
+def _resolve_perturbation(perturbation: Perturbation | PerturbFn) -> PerturbFn:
+    """The ``(key, params, state) -> params`` function of a perturbation."""
+    fn = perturbation.apply if isinstance(perturbation, Perturbation) else perturbation
+    if not callable(fn):
+        raise ValueError(f"perturbation must be a swimjax.perturbation.Perturbation or a "
+                         f"function (key, params, state) -> params, got {type(fn).__name__}")
+    try:
+        inspect.signature(fn).bind(None, None, None)
+    except TypeError:
+        raise ValueError(
+            "perturbation must take (key, params, state) -> params; a two-argument "
+            "perturb_fn(key, params) can be wrapped as lambda key, params, state: "
+            "perturb_fn(key, params)") from None
+    except ValueError:  # no signature (a builtin or C callable): trust it
+        pass
+    return fn
+
+
+def _stack_states(states: Sequence[Any]) -> Any:
+    """``states`` (a non-empty sequence of pytrees of equal structure, shapes
+    and dtypes) stacked on a new leading axis."""
+    if len(states) < 1:
+        raise ValueError("states must hold at least one perturbation state")
+    ref = states[0]
+    for i, s in enumerate(states[1:], 1):
+        v.check_same_structure(f"states[{i}]", s, ref, "states[0]")
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s), jax.tree.leaves(ref)):
+            if jnp.asarray(a).dtype != jnp.asarray(b).dtype:
+                raise ValueError(f"states[{i}]{jax.tree_util.keystr(path)} must have dtype "
+                                 f"{jnp.asarray(b).dtype} (as in states[0]), got "
+                                 f"{jnp.asarray(a).dtype}")
+    return jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *states)
+
+
+def evaluate(key: jax.Array, apply_fn: ApplyFn, params: Any,
+             perturbation: Perturbation | PerturbFn, x: Any, y: Any, n_runs: int, *,
+             state: Any = None, chunk_size: int | None = None,
              batch_size: int | None = None, loss_fn: LossFn | None = None,
              vmap_size: int | None = None, memory_budget: int | None = None,
              progress: bool | None = None, lowering: str | None = None) -> MCResult:
-    """Monte-Carlo accuracy and loss of ``apply_fn`` under ``perturb_fn``.
+    """Monte-Carlo accuracy and loss of ``apply_fn`` under one perturbation state.
 
     Args:
       key: PRNG key; run ``i`` uses ``jax.random.split(key, n_runs)[i]``.
       apply_fn: ``apply_fn(params, x) -> logits (n, C)``, pure and vmappable.
       params: the clean parameter pytree (finite).
-      perturb_fn: ``perturb_fn(key, params) -> params``, pure and vmappable
-        over ``key`` (e.g. :func:`swimjax.perturbation.make_perturb_fn`).
+      perturbation: a :class:`swimjax.perturbation.Perturbation` (e.g.
+        :func:`swimjax.perturbation.statistical`) or a function
+        ``perturb_fn(key, params, state) -> params``, pure and vmappable over
+        ``key``.
       x: inputs ``(n, ...)``; y: integer labels ``(n,)`` in ``[0, C)``.
       n_runs: number of Monte-Carlo runs (>= 1).
+      state: the perturbation's state (mask, sigmas: a pytree of arrays); for a
+        :class:`~swimjax.perturbation.Perturbation` the default is
+        ``perturbation.init(params)`` (nothing verified), for a function None.
+        The compiled program depends on the state's shapes only, so
+        evaluating another mask or sigma reuses it.
       chunk_size: runs per dispatched call (>= 1). Default: about
         :data:`DEFAULT_N_CHUNKS` chunks. Does not change results.
       batch_size: examples per forward pass (>= 1). Default: from the memory
@@ -555,68 +671,130 @@ def evaluate(key: jax.Array, apply_fn: ApplyFn, params: Any, perturb_fn: Perturb
     Raises:
       ValueError: ``n_runs < 1``, ``chunk_size``/``batch_size``/``vmap_size``
         ``< 1``, x/y mismatch, non-integer labels or labels out of range of the
-        logits, NaN/Inf in ``params``.
+        logits, NaN/Inf in ``params``, a perturbation that does not take
+        ``(key, params, state)``.
     """
+    if state is None and isinstance(perturbation, Perturbation):
+        state = perturbation.init(params)
+    return evaluate_many(key, apply_fn, params, perturbation, [state], x, y, n_runs,
+                         chunk_size=chunk_size, batch_size=batch_size, loss_fn=loss_fn,
+                         vmap_size=vmap_size, memory_budget=memory_budget, progress=progress,
+                         lowering=lowering)[0]
+
+
+def evaluate_many(key: jax.Array, apply_fn: ApplyFn, params: Any,
+                  perturbation: Perturbation | PerturbFn, states: Sequence[Any], x: Any, y: Any,
+                  n_runs: int, **kwargs: Any) -> list[MCResult]:
+    """:func:`evaluate` for several perturbation states (masks, sigmas) at once.
+
+    All states are stacked and evaluated by one compiled program (the states
+    are its data, indexed per group of runs), sharded over the devices, so a
+    sweep over write-verify budgets, methods or sigmas compiles once. Every
+    state uses the same run keys (run ``i`` of every state draws with
+    ``split(key, n_runs)[i]``: common random numbers), and the result of each
+    state is bit-identical to :func:`evaluate` with that state alone.
+
+    Args:
+      states: a non-empty sequence of states of equal structure, shapes and
+        dtypes (e.g. ``[pert.init(params, m) for m in masks]``).
+      kwargs: the keyword arguments of :func:`evaluate` (but ``state``).
+
+    Returns:
+      One :class:`MCResult` per state, in order.
+    """
+    return [r for _, r in sorted(iter_many(key, apply_fn, params, perturbation, states, x, y,
+                                           n_runs, **kwargs), key=lambda t: t[0])]
+
+
+def iter_many(key: jax.Array, apply_fn: ApplyFn, params: Any,
+              perturbation: Perturbation | PerturbFn, states: Sequence[Any], x: Any, y: Any,
+              n_runs: int, *, chunk_size: int | None = None, batch_size: int | None = None,
+              loss_fn: LossFn | None = None, vmap_size: int | None = None,
+              memory_budget: int | None = None, progress: bool | None = None,
+              lowering: str | None = None) -> Iterator[tuple[int, MCResult]]:
+    """:func:`evaluate_many` as a generator: yields ``(state_index, MCResult)``
+    as soon as each state's runs are finished (states finish in order), so a
+    caller can write every result down before the next one is computed."""
     v.check_int("n_runs", n_runs, 1, None)
     if chunk_size is not None:
         v.check_int("chunk_size", chunk_size, 1, None)
+    fn = _resolve_perturbation(perturbation)
+    states = list(states)
+    stacked = _stack_states(states)
     _check_data(apply_fn, params, x, y)
     loss_fn = loss_fn or softmax_cross_entropy
     devices = jax.local_devices()
-    pl = plan(apply_fn, params, perturb_fn, x, n_runs, chunk_size=chunk_size,
+    pl = plan(apply_fn, params, fn, x, n_runs, chunk_size=chunk_size,
               batch_size=batch_size, vmap_size=vmap_size, memory_budget=memory_budget,
-              devices=devices, key=key, lowering=lowering)
+              devices=devices, key=key, lowering=lowering, state=states[0],
+              n_states=len(states))
     n = int(np.shape(y)[0])
     w, n_dev = pl.vmap_size, pl.n_devices
     gpc, g_comp = pl.groups_per_chunk, pl.compiled_groups
     per_dev = g_comp // n_dev
+    valid_per_dev = gpc // n_dev
+    n_states, per_call = len(states), pl.states_per_call
 
-    chunk_fn, mesh = _cached(_chunk_fn, apply_fn, perturb_fn, loss_fn, w, pl.lowering,
-                             tuple(devices))
+    chunk_fn, mesh = _cached(_chunk_fn, apply_fn, fn, loss_fn, w, pl.lowering, tuple(devices))
     runs = NamedSharding(mesh, PartitionSpec(_AXIS))
     replicated = NamedSharding(mesh, PartitionSpec())
-
     xb, yb, mb = _batches(jnp.asarray(x), jnp.asarray(y), pl.batch_size)
     params_r, xb, yb, mb = jax.device_put((params, xb, yb, mb), replicated)
-
-    # Slot layout: group g holds slots [g*w, (g+1)*w); run i is slot i; padding
-    # slots of the last noisy group reuse the last key; the final group is clean.
-    n_slots = pl.n_chunks * gpc * w
-    slot_key = np.minimum(np.arange(n_slots), n_runs - 1)
-    clean = np.zeros(n_slots, bool)
-    clean[(pl.n_groups - 1) * w:] = True
-    slot_keys = jax.random.split(key, n_runs)[slot_key]
+    run_keys = jax.random.split(key, n_runs)
     # Device d of a call takes groups [d*gpc/n_dev, (d+1)*gpc/n_dev) of the chunk,
     # laid out in its first per_dev compiled groups.
-    valid_per_dev = gpc // n_dev
     layout = (np.arange(n_dev)[:, None] * valid_per_dev
               + np.minimum(np.arange(per_dev), valid_per_dev - 1)[None, :]).reshape(-1)
-    slot_in_call = (layout[:, None] * w + np.arange(w)[None, :]).reshape(-1)
 
-    correct = np.zeros(n_slots, np.int64)
-    loss = np.zeros(n_slots, np.float64)
-    chunks = range(pl.n_chunks)
+    run_groups = -(-n_runs // w)
+    correct = np.zeros((n_states, run_groups * w), np.int64)
+    loss = np.zeros((n_states, run_groups * w), np.float64)
+    clean_metrics: tuple[float, float] | None = None
+    blocks = _block_groups(n_states, per_call, run_groups)
+    bar = None
     if progress is not False:
         from tqdm.auto import tqdm
-        chunks = tqdm(chunks, desc="Monte-Carlo", unit="chunk", leave=False,
-                      disable=None if progress is None else False)
-    for c in chunks:
-        g0 = c * gpc
-        m = min(gpc, pl.n_groups - g0)  # valid groups in this call
-        idx = g0 * w + slot_in_call
-        n_run_groups = np.clip(m - valid_per_dev * np.arange(n_dev), 0, valid_per_dev)
-        cr, ls = chunk_fn(jax.device_put(slot_keys[idx], runs),
-                          jax.device_put(clean[idx], runs),
-                          jax.device_put(n_run_groups.astype(np.int32), runs),
-                          params_r, xb, yb, mb)
-        cr, ls = np.asarray(cr), np.asarray(ls)
-        for d in range(n_dev):  # copy back the groups each device ran
-            k = int(n_run_groups[d]) * w
-            src = slice(d * per_dev * w, d * per_dev * w + k)
-            dst = slice((g0 + d * valid_per_dev) * w, (g0 + d * valid_per_dev) * w + k)
-            correct[dst], loss[dst] = cr[src], ls[src]
-    c0 = (pl.n_groups - 1) * w
-    accuracy = correct[:n_runs] / n
-    return MCResult(accuracy=accuracy, loss=loss[:n_runs] / n,
-                    clean_accuracy=float(correct[c0]) / n, clean_loss=float(loss[c0]) / n,
-                    summary=summarize(accuracy))
+        bar = tqdm(total=pl.n_chunks, desc="Monte-Carlo", unit="chunk", leave=False,
+                   disable=None if progress is None else False)
+    next_state = 0
+    for groups in blocks:
+        s0 = max(0, groups[-1][0] // per_call * per_call)
+        block = list(range(s0, min(n_states, s0 + per_call)))
+        block += [block[-1]] * (per_call - len(block))  # pad: same shapes, one program
+        states_r = jax.device_put(jax.tree.map(lambda a: a[np.asarray(block)], stacked),
+                                  replicated)
+        g_state = np.array([max(s, s0) - s0 for s, _ in groups], np.int32)
+        g_clean = np.array([s < 0 for s, _ in groups])
+        g_run0 = np.array([j * w for _, j in groups])
+        for g0 in range(0, len(groups), gpc):
+            m = min(gpc, len(groups) - g0)  # valid groups in this call
+            gi = g0 + np.minimum(layout, m - 1)  # group of each compiled slot group
+            slot_run = np.minimum(g_run0[gi][:, None] + np.arange(w)[None, :], n_runs - 1)
+            n_run_groups = np.clip(m - valid_per_dev * np.arange(n_dev), 0, valid_per_dev)
+            cr, ls = chunk_fn(jax.device_put(run_keys[slot_run.reshape(-1)], runs),
+                              jax.device_put(np.repeat(g_clean[gi], w), runs),
+                              jax.device_put(g_state[gi], runs),
+                              jax.device_put(n_run_groups.astype(np.int32), runs),
+                              params_r, states_r, xb, yb, mb)
+            cr = np.asarray(cr).reshape(n_dev, per_dev, w)
+            ls = np.asarray(ls).reshape(n_dev, per_dev, w)
+            for d in range(n_dev):  # copy back the groups each device ran
+                for k in range(int(n_run_groups[d])):
+                    s, j = groups[g0 + d * valid_per_dev + k]
+                    if s < 0:
+                        clean_metrics = (float(cr[d, k, 0]) / n, float(ls[d, k, 0]) / n)
+                    else:
+                        correct[s, j * w:(j + 1) * w] = cr[d, k]
+                        loss[s, j * w:(j + 1) * w] = ls[d, k]
+            if bar is not None:
+                bar.update(1)
+            s_last, j_last = groups[g0 + m - 1]
+            done = s_last + 1 if j_last == run_groups - 1 else s_last  # states < done finished
+            for s in range(next_state, max(next_state, done)):
+                accuracy = correct[s, :n_runs] / n
+                yield s, MCResult(accuracy=accuracy, loss=loss[s, :n_runs] / n,
+                                  clean_accuracy=clean_metrics[0], clean_loss=clean_metrics[1],
+                                  summary=summarize(accuracy))
+            next_state = max(next_state, done)
+    if bar is not None:
+        bar.close()

@@ -37,10 +37,18 @@ Write-verify masks follow the library convention: a pytree shaped like
 ``params`` with one bool per weight, ``True`` = verified. Unmapped leaves
 (biases, norms; :func:`swimjax.mapping.mapped_leaves`) stay exact.
 
+**Perturbations as data.** :func:`statistical` returns a :class:`Perturbation`,
+a pair of pure functions ``init(params, mask=None, *, sigma_d, sigma_wv) ->
+state`` and ``apply(key, params, state) -> params``. The mask and the sigmas
+live in the state (a :class:`VariationState` pytree), not in the function, so
+one compiled Monte-Carlo program serves every mask and every sigma of a sweep,
+and stacked states are evaluated in one call
+(:func:`swimjax.montecarlo.evaluate_many`). :func:`gaussian` is the same with
+arbitrary per-weight sigmas as the state.
+
 Validation (structure and shapes of the mask, finite weights, the config)
-happens outside ``jit``: :func:`perturb` validates its concrete inputs,
-:func:`make_perturb_fn` validates once and returns a pure function
-``fn(key, params) -> params`` that jits and vmaps over keys. Noise is drawn
+happens outside ``jit``, in ``init`` and in :func:`perturb`; ``apply`` only
+re-checks pytree structure (static, free under ``jit``). Noise is drawn
 with one normal per weight from ``fold_in(key, leaf_index)``, so a result
 depends on nothing but the key (not on batch size, chunking or other leaves).
 """
@@ -49,7 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -254,16 +262,18 @@ def weight_sigmas(params: Any, cfg: VariationConfig, selected: Any | None = None
 # Perturbation
 # ----------------------------------------------------------------------------
 
-def _leaf_sigma(w: jax.Array, m: Any, cfg: VariationConfig) -> jax.Array:
+def _leaf_sigma(w: jax.Array, m: Any, sigma_d: Any, sigma_wv: Any,
+                cfg: VariationConfig) -> jax.Array:
     base = _base_sigma(w, cfg)
+    sd = jnp.asarray(sigma_d).astype(base.dtype)
     if m is None:
-        return cfg.sigma_d * base
+        return sd * base
     verified = jnp.asarray(m).astype(bool)
-    return jnp.where(verified, cfg.sigma_wv, cfg.sigma_d).astype(base.dtype) * base
+    return jnp.where(verified, jnp.asarray(sigma_wv).astype(base.dtype), sd) * base
 
 
-def _perturb(key: jax.Array, params: Any, mask: Any | None, cfg: VariationConfig,
-             selected: Any) -> Any:
+def _perturb(key: jax.Array, params: Any, mask: Any | None, sigma_d: Any, sigma_wv: Any,
+             cfg: VariationConfig, selected: Any) -> Any:
     leaves, treedef = jax.tree.flatten(params)
     sel = treedef.flatten_up_to(selected)
     masks = [None] * len(leaves) if mask is None else treedef.flatten_up_to(mask)
@@ -274,16 +284,148 @@ def _perturb(key: jax.Array, params: Any, mask: Any | None, cfg: VariationConfig
             out.append(w)
             continue
         w = jnp.asarray(w)
-        sigma = _leaf_sigma(w, m, cfg)
+        sigma = _leaf_sigma(w, m, sigma_d, sigma_wv, cfg)
         w0 = mapping.quantize(w, qcfg) if cfg.quantize else w
         eps = _random.normal(jax.random.fold_in(key, i), w.shape, sigma.dtype)
         out.append((w0.astype(sigma.dtype) + sigma * eps).astype(w.dtype))
     return treedef.unflatten(out)
 
 
+class Perturbation(NamedTuple):
+    """A weight perturbation as a pair of pure functions, in the style of
+    optax's ``init``/``update`` transformations.
+
+    Attributes:
+      init: ``init(params, mask=None, **settings) -> state``: validates the
+        (concrete) inputs and returns the perturbation's *state*, an ordinary
+        pytree of arrays (the write-verify mask, sigmas, ...). A new mask or a
+        new sigma is a new state, not a new function, so a compiled Monte-Carlo
+        program is reused for all of them, and states can be stacked and
+        swept in one call (:func:`swimjax.montecarlo.evaluate_many`).
+      apply: ``apply(key, params, state) -> params``: pure, jittable and
+        vmappable over ``key`` (and over ``state``); the weights the hardware
+        computes with in one variation instance.
+    """
+
+    init: Callable[..., Any]
+    apply: Callable[[jax.Array, Any, Any], Any]
+
+
+class VariationState(NamedTuple):
+    """The data of SWIM's statistical model (:func:`statistical`).
+
+    Attributes:
+      mask: write-verify mask, a pytree shaped like ``params`` with one bool per
+        weight (``True`` = verified); entries on unmapped leaves are ignored.
+      sigma_d: device sigma without write-verify (full-scale units), a float32
+        scalar array.
+      sigma_wv: device sigma after write-verify (full-scale units), a float32
+        scalar array.
+    """
+
+    mask: Any
+    sigma_d: jax.Array
+    sigma_wv: jax.Array
+
+
+def _check_sigma(name: str, value: Any) -> jax.Array:
+    """A concrete sigma as a float32 scalar; tracers pass unchecked."""
+    if isinstance(value, jax.core.Tracer):
+        return value
+    if np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}")
+    return jnp.asarray(v.check_nonnegative(name, float(value)), jnp.float32)
+
+
+def statistical(cfg: VariationConfig, selected: Any | None = None) -> Perturbation:
+    """SWIM's statistical weight-error model as a :class:`Perturbation`.
+
+    ``state = init(params, mask=None, *, sigma_d=cfg.sigma_d,
+    sigma_wv=cfg.sigma_wv)`` (a :class:`VariationState`; ``mask=None`` means
+    nothing verified) and ``apply(key, params, state)`` gives ``W + s c
+    sigma_i eps_i`` on the mapped leaves (``sigma_i = sigma_wv`` where the mask
+    is set, ``sigma_d`` elsewhere, times the non-uniform multiplier), unmapped
+    leaves unchanged, leaf dtypes kept. The static part of the model (bits,
+    normalization, scale, non-uniform band) is ``cfg``; the mask and the two
+    sigmas are data. ``apply`` draws exactly what :func:`perturb` draws for the
+    same key.
+
+    Args:
+      cfg: the model (its ``sigma_d``/``sigma_wv`` are ``init``'s defaults).
+      selected: which leaves are on devices (pytree of Python bools); default
+        :func:`swimjax.mapping.mapped_leaves` of the params ``init``/``apply``
+        get.
+    """
+    if not isinstance(cfg, VariationConfig):
+        raise ValueError(f"cfg must be a VariationConfig, got {type(cfg).__name__}")
+
+    def init(params: Any, mask: Any | None = None, *, sigma_d: Any = None,
+             sigma_wv: Any = None) -> VariationState:
+        validate(params, mask, cfg, selected)
+        if mask is None:
+            mask = jax.tree.map(lambda w: np.zeros(np.shape(w), bool), params)
+        else:
+            mask = jax.tree.map(lambda m: jnp.asarray(m).astype(bool), mask)
+        return VariationState(
+            mask=mask,
+            sigma_d=_check_sigma("sigma_d", cfg.sigma_d if sigma_d is None else sigma_d),
+            sigma_wv=_check_sigma("sigma_wv", cfg.sigma_wv if sigma_wv is None else sigma_wv))
+
+    def apply(key: jax.Array, params: Any, state: VariationState) -> Any:
+        if not isinstance(state, VariationState):
+            raise ValueError(f"state must be the VariationState of init(), got "
+                             f"{type(state).__name__}")
+        sel = validate(params, state.mask, cfg, selected, check_values=False)
+        return _perturb(key, params, state.mask, state.sigma_d, state.sigma_wv, cfg, sel)
+
+    return Perturbation(init, apply)
+
+
+def gaussian(selected: Any | None = None) -> Perturbation:
+    """Additive Gaussian weight noise with per-weight sigmas, as a
+    :class:`Perturbation`: ``apply(key, params, sigmas) = W + sigmas * eps``.
+
+    The state is the pytree of per-weight standard deviations in weight units
+    (e.g. from :func:`weight_sigmas`, or any non-uniform model of the user's),
+    shaped like ``params``; ``init(params, sigmas)`` validates it (finite, >=
+    0, matching shapes). Leaves not ``selected`` (default: unmapped leaves)
+    are returned unchanged. Draws use the same ``fold_in(key, leaf_index)``
+    streams as :func:`statistical`, so the two agree for the same key when
+    ``sigmas`` equal the statistical model's per-weight sigmas.
+    """
+
+    def init(params: Any, sigmas: Any) -> Any:
+        v.check_same_structure("sigmas", sigmas, params)
+        _resolve_selected(params, selected)
+        v.check_finite_tree("params", params)
+        v.check_finite_tree("sigmas", sigmas)
+        for path, s in jax.tree_util.tree_leaves_with_path(sigmas):
+            if np.size(s) and float(np.min(np.asarray(s, np.float32))) < 0:
+                raise ValueError(f"sigmas{jax.tree_util.keystr(path)} must be >= 0")
+        return jax.tree.map(lambda s: jnp.asarray(s, _float_dtype(s)), sigmas)
+
+    def apply(key: jax.Array, params: Any, sigmas: Any) -> Any:
+        v.check_same_structure("sigmas", sigmas, params)
+        leaves, treedef = jax.tree.flatten(params)
+        sel = treedef.flatten_up_to(_resolve_selected(params, selected))
+        out = []
+        for i, (w, s, sd) in enumerate(zip(leaves, sel, treedef.flatten_up_to(sigmas))):
+            if not s:
+                out.append(w)
+                continue
+            w = jnp.asarray(w)
+            sd = jnp.asarray(sd)
+            eps = _random.normal(jax.random.fold_in(key, i), w.shape, sd.dtype)
+            out.append((w.astype(sd.dtype) + sd * eps).astype(w.dtype))
+        return treedef.unflatten(out)
+
+    return Perturbation(init, apply)
+
+
 def perturb(key: jax.Array, params: Any, mask: Any | None, cfg: VariationConfig,
             selected: Any | None = None) -> Any:
-    """The weights the hardware computes with under SWIM's model.
+    """The weights the hardware computes with under SWIM's model (one call:
+    ``statistical(cfg, selected)`` initialized with ``mask`` and applied).
 
     Args:
       key: PRNG key (one variation instance).
@@ -300,28 +442,7 @@ def perturb(key: jax.Array, params: Any, mask: Any | None, cfg: VariationConfig,
       Leaf dtypes are kept.
     """
     sel = validate(params, mask, cfg, selected)
-    return _perturb(key, params, mask, cfg, sel)
-
-
-def make_perturb_fn(mask: Any | None, cfg: VariationConfig, selected: Any | None = None,
-                    *, params: Any | None = None) -> Callable[[jax.Array, Any], Any]:
-    """Returns ``fn(key, params) -> params`` for Monte-Carlo and training.
-
-    ``cfg`` is validated now; with ``params`` given, the mask, the selection and
-    the weights' finiteness are validated now too. The returned function only
-    re-checks pytree structure (static, free under ``jit``); it is pure, jittable
-    and vmappable over ``key``.
-    """
-    if not isinstance(cfg, VariationConfig):
-        raise ValueError(f"cfg must be a VariationConfig, got {type(cfg).__name__}")
-    if params is not None:
-        selected = validate(params, mask, cfg, selected)
-
-    def fn(key: jax.Array, params: Any) -> Any:
-        sel = validate(params, mask, cfg, selected, check_values=False)
-        return _perturb(key, params, mask, cfg, sel)
-
-    return fn
+    return _perturb(key, params, mask, cfg.sigma_d, cfg.sigma_wv, cfg, sel)
 
 
 def perturb_via_devices(key: jax.Array, params: Any, mask: Any | None, cfg: VariationConfig,

@@ -1,6 +1,7 @@
 """optax training of the model zoo, with optional noise-injection training.
 
-``train(key, model, data, config, perturb_fn=None) -> (variables, history)``
+``train(key, model, data, config, perturbation=None, noise_state=None) ->
+(variables, history)``
 
 * Optimizers as in SWIM: Adam (lr 1e-3) for LeNet and the ConvNet; SGD with
   momentum 0.9, weight decay 5e-4 and a cosine learning-rate schedule for the
@@ -8,15 +9,18 @@
 * Deterministic from ``key``: the initial weights, the per-epoch shuffles and
   the noise samples are all derived from it (same key, same data, same config
   -> identical parameters on the same backend).
-* Noise-injection (variation-aware) training: with ``perturb_fn(key,
-  variables) -> variables`` (e.g. ``swimjax.perturbation.make_perturb_fn(mask,
-  cfg)``, the very function the Monte-Carlo evaluation uses), every step runs
-  its forward and backward pass at freshly perturbed weights while the update
-  is applied to the clean weights (straight-through: ``w + stop_gradient(
-  perturb(w) - w)``, so ``d loss / d w`` is the gradient at the perturbed
-  point). ``perturb_fn`` receives the FULL variables pytree (the one
-  ``model.apply_fn`` takes); only its ``"params"`` are used, batch statistics
-  are never perturbed.
+* Noise-injection (variation-aware) training: with a ``perturbation`` (a
+  :class:`swimjax.perturbation.Perturbation` such as
+  ``swimjax.perturbation.statistical(cfg)``, the very model the Monte-Carlo
+  evaluation uses, or a function ``(key, variables, noise_state) ->
+  variables``) and its ``noise_state`` (mask, sigmas: data, so another mask
+  or sigma does not recompile the step), every step runs its forward and
+  backward pass at freshly perturbed weights while the update is applied to
+  the clean weights (straight-through: ``w + stop_gradient(perturb(w) - w)``,
+  so ``d loss / d w`` is the gradient at the perturbed point). The
+  perturbation receives the FULL variables pytree (the one ``model.apply_fn``
+  takes); only its ``"params"`` are used, batch statistics are never
+  perturbed.
 
 Each training step is one jitted function; the last partial batch of an epoch
 is dropped so that every step has the same shape (one compilation).
@@ -37,9 +41,10 @@ import optax
 from swimjax import _validation as v
 from swimjax.data import Dataset
 from swimjax.models import Model
+from swimjax.perturbation import Perturbation
 
 Variables = dict[str, Any]
-PerturbFn = Callable[[jax.Array, Variables], Variables]
+PerturbFn = Callable[[jax.Array, Variables, Any], Variables]
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
@@ -166,27 +171,28 @@ def _make_train_step(model: Model, config: TrainConfig, total_steps: int,
                      perturb_fn: Optional[PerturbFn]
                      ) -> tuple[optax.GradientTransformation, Callable[..., Any]]:
     """``(tx, step)``: the optimizer and the jitted ``step(params, opt_state,
-    state, x, y, noise_key, step_index) -> (params, opt_state, state, loss,
-    acc)`` (the step's noise key is ``fold_in(noise_key, step_index)``); ``state``
-    holds the non-parameter collections. Cached, so repeated ``train`` calls
-    with the same model/config/perturb_fn compile once."""
+    state, x, y, noise_key, step_index, noise_state) -> (params, opt_state,
+    state, loss, acc)`` (the step's noise key is ``fold_in(noise_key,
+    step_index)``); ``state`` holds the non-parameter collections,
+    ``noise_state`` the perturbation's data. Cached, so repeated ``train``
+    calls with the same model/config/perturb_fn compile once."""
     tx = config.make_optimizer(total_steps)
 
-    def loss_fn(params: Any, state: Variables, x: jax.Array, y: jax.Array, key: jax.Array
-                ) -> tuple[jax.Array, tuple[jax.Array, Variables]]:
+    def loss_fn(params: Any, state: Variables, x: jax.Array, y: jax.Array, key: jax.Array,
+                noise_state: Any) -> tuple[jax.Array, tuple[jax.Array, Variables]]:
         if perturb_fn is not None:
-            noisy = perturb_fn(key, {"params": params, **state})
+            noisy = perturb_fn(key, {"params": params, **state}, noise_state)
             params = straight_through(params, noisy["params"])
         logits, new_state = model.train_apply({"params": params, **state}, x)
         return cross_entropy(logits, y), (logits, new_state)
 
     @jax.jit
     def step(params: Any, opt_state: Any, state: Variables, x: jax.Array, y: jax.Array,
-             noise_key: jax.Array, step_index: jax.Array
+             noise_key: jax.Array, step_index: jax.Array, noise_state: Any = None
              ) -> tuple[Any, Any, Variables, jax.Array, jax.Array]:
         key = jax.random.fold_in(noise_key, step_index)
         (loss, (logits, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, state, x, y, key)
+            params, state, x, y, key, noise_state)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         acc = jnp.mean(jnp.argmax(logits, -1) == y)
@@ -207,8 +213,8 @@ def _check_compatible(model: Model, data: Dataset) -> None:
 
 
 def train(key: jax.Array, model: Model, data: Dataset, config: TrainConfig = TrainConfig(),
-          perturb_fn: Optional[PerturbFn] = None, progress: bool = True
-          ) -> tuple[Variables, list[dict[str, float]]]:
+          perturbation: Perturbation | PerturbFn | None = None, noise_state: Any = None,
+          progress: bool = True) -> tuple[Variables, list[dict[str, float]]]:
     """Trains ``model`` on ``data``.
 
     Args:
@@ -216,8 +222,12 @@ def train(key: jax.Array, model: Model, data: Dataset, config: TrainConfig = Tra
       model: a zoo :class:`~swimjax.models.Model`.
       data: a :class:`~swimjax.data.Dataset` matching ``model.input_shape``.
       config: :class:`TrainConfig`.
-      perturb_fn: optional ``perturb_fn(key, variables) -> variables`` for
-        noise-injection training (see the module docstring).
+      perturbation: optional perturbation for noise-injection training: a
+        :class:`swimjax.perturbation.Perturbation` or a function ``(key,
+        variables, noise_state) -> variables`` (see the module docstring).
+      noise_state: the perturbation's state over the full variables pytree
+        (default for a ``Perturbation``: ``perturbation.init(variables)`` of
+        the initial variables, i.e. nothing verified; for a function: None).
       progress: show a tqdm progress bar.
 
     Returns:
@@ -242,6 +252,9 @@ def train(key: jax.Array, model: Model, data: Dataset, config: TrainConfig = Tra
     state = {k: val for k, val in variables.items() if k != "params"}
     # the schedule's length matters only for cosine: keep the compile cache shared otherwise
     total_steps = steps_per_epoch * config.epochs if config.schedule == "cosine" else 1
+    perturb_fn = perturbation.apply if isinstance(perturbation, Perturbation) else perturbation
+    if isinstance(perturbation, Perturbation) and noise_state is None:
+        noise_state = perturbation.init(variables)
     tx, step = _make_train_step(model, config, total_steps, perturb_fn)
     opt_state = tx.init(params)
 
@@ -257,7 +270,7 @@ def train(key: jax.Array, model: Model, data: Dataset, config: TrainConfig = Tra
             idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
             params, opt_state, state, loss, acc = step(
                 params, opt_state, state, data.x_train[idx], data.y_train[idx], noise_key,
-                np.int32(global_step))
+                np.int32(global_step), noise_state)
             losses.append(loss)
             accs.append(acc)
             global_step += 1

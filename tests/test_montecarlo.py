@@ -39,8 +39,10 @@ def apply_fn(params, x):
     return h.reshape(h.shape[0], -1) @ params["dense"]["kernel"] + params["dense"]["bias"]
 
 
-def gaussian_perturb(key, params, sigma=SIGMA):
-    """W + sigma * max|W| * N(0, 1) on every kernel (ndim >= 2); biases exact."""
+def gaussian_perturb(key, params, sigma=None):
+    """W + sigma * max|W| * N(0, 1) on every kernel (ndim >= 2); biases exact.
+    ``sigma`` is the perturbation's state (default SIGMA)."""
+    sigma = SIGMA if sigma is None else sigma
     leaves, treedef = jax.tree.flatten(params)
     out = []
     for i, w in enumerate(leaves):
@@ -53,8 +55,8 @@ def gaussian_perturb(key, params, sigma=SIGMA):
     return treedef.unflatten(out)
 
 
-def identity_perturb(key, params):
-    del key
+def identity_perturb(key, params, state=None):
+    del key, state
     return params
 
 
@@ -297,3 +299,87 @@ def test_bad_data_raise(problem):
     bad["dense"]["kernel"] = params["dense"]["kernel"].at[0, 0].set(jnp.inf)
     with pytest.raises(ValueError, match="params"):
         mc.evaluate(k, apply_fn, bad, gaussian_perturb, x, y, 2)
+
+
+# ---------------------------------------------------------------------------
+# Perturbation states as data: many states, one program
+# ---------------------------------------------------------------------------
+
+SIGMAS = (0.05, 0.2, 0.3, 0.5)
+
+
+def test_evaluate_many_equals_loop_of_single_states(problem):
+    """Stacked sigma states give, bit for bit, what one evaluation per sigma
+    gives; the results are yielded in order as each state finishes."""
+    params, x, y = problem
+    states = [jnp.float32(s) for s in SIGMAS]
+    many = mc.evaluate_many(jax.random.key(7), apply_fn, params, gaussian_perturb, states, x,
+                            y, N_RUNS, chunk_size=6, progress=False)
+    order = [i for i, _ in mc.iter_many(jax.random.key(7), apply_fn, params, gaussian_perturb,
+                                        states, x, y, N_RUNS, chunk_size=6, progress=False)]
+    assert order == list(range(len(SIGMAS)))
+    means = []
+    for s, r in zip(states, many):
+        one = mc.evaluate(jax.random.key(7), apply_fn, params, gaussian_perturb, x, y, N_RUNS,
+                          state=s, progress=False)
+        np.testing.assert_array_equal(r.accuracy, one.accuracy)
+        np.testing.assert_array_equal(r.loss, one.loss)
+        assert (r.clean_accuracy, r.clean_loss) == (one.clean_accuracy, one.clean_loss)
+        means.append(r.summary.mean)
+    # the sigma state matters: more noise, lower accuracy
+    assert means[0] > means[-1]
+
+
+@pytest.mark.filterwarnings("ignore:Monte-Carlo working set")
+def test_evaluate_many_blocks_states_under_a_small_budget(problem):
+    """States that do not fit a quarter of the budget go in blocks (padded to
+    the same size, one program): same numbers."""
+    params, x, y = problem
+    states = [jax.tree.map(lambda w, s=s: jnp.full(w.shape, s, jnp.float32), params)
+              for s in SIGMAS[:3]]
+
+    def per_weight(key, p, sig):  # a state of per-weight relative sigmas
+        return jax.tree.map(lambda w, s, e: w + s * e, p, sig,
+                            jax.tree.map(lambda w: jax.random.normal(key, w.shape), p))
+
+    state_bytes = sum(a.size * 4 for a in jax.tree.leaves(states[0]))
+    pl = mc.plan(apply_fn, params, per_weight, x, N_RUNS, state=states[0], n_states=3,
+                 memory_budget=4 * state_bytes + 1, batch_size=8, vmap_size=2)
+    assert pl.states_per_call == 1 and pl.n_states == 3
+    kw = dict(batch_size=8, vmap_size=2, progress=False)
+    blocked = mc.evaluate_many(jax.random.key(5), apply_fn, params, per_weight, states, x, y,
+                               N_RUNS, memory_budget=4 * state_bytes + 1, **kw)
+    whole = mc.evaluate_many(jax.random.key(5), apply_fn, params, per_weight, states, x, y,
+                             N_RUNS, **kw)
+    for a, b in zip(blocked, whole):
+        np.testing.assert_array_equal(a.accuracy, b.accuracy)
+        np.testing.assert_array_equal(a.loss, b.loss)
+
+
+def test_new_states_reuse_the_compiled_program(problem):
+    params, x, y = problem
+    mc.evaluate(jax.random.key(1), apply_fn, params, gaussian_perturb, x, y, 4,
+                state=jnp.float32(0.1), progress=False)
+    before = mc._chunk_fn.cache_info()
+    for s in (0.2, 0.4):
+        mc.evaluate(jax.random.key(1), apply_fn, params, gaussian_perturb, x, y, 4,
+                    state=jnp.float32(s), progress=False)
+    after = mc._chunk_fn.cache_info()
+    assert after.misses == before.misses and after.hits == before.hits + 2
+
+
+def test_perturbation_and_states_checked(problem):
+    params, x, y = problem
+    k = jax.random.key(0)
+    with pytest.raises(ValueError, match=r"\(key, params, state\)"):
+        mc.evaluate(k, apply_fn, params, lambda key, p: p, x, y, 2)
+    with pytest.raises(ValueError, match="perturbation must be"):
+        mc.evaluate(k, apply_fn, params, "gaussian", x, y, 2)
+    with pytest.raises(ValueError, match="at least one"):
+        mc.evaluate_many(k, apply_fn, params, gaussian_perturb, [], x, y, 2)
+    with pytest.raises(ValueError, match=r"states\[1\]"):
+        mc.evaluate_many(k, apply_fn, params, gaussian_perturb,
+                         [jnp.float32(0.1), jnp.ones(2)], x, y, 2)
+    with pytest.raises(ValueError, match=r"states\[1\] must have dtype"):
+        mc.evaluate_many(k, apply_fn, params, gaussian_perturb,
+                         [jnp.float32(0.1), jnp.int32(1)], x, y, 2)

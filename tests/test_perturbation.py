@@ -6,6 +6,7 @@ The statistical tests compare the empirical std of dW over >= 1e5 draws with
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -257,22 +258,74 @@ def test_per_leaf_keys_independent_of_other_leaves():
     np.testing.assert_allclose(dw_b, dw_a * 0.3, rtol=1e-4, atol=1e-7)
 
 
-def test_make_perturb_fn_jit_vmap():
+def test_statistical_perturbation_jit_vmap():
+    """init/apply give what perturb gives; apply jits and vmaps over keys and
+    over stacked states (masks and sigmas as data)."""
     p = _params()
     cfg = VariationConfig(sigma_d=0.2, device_bits=2)
     mask = jax.tree.map(lambda x: jax.random.bernoulli(jax.random.key(13), 0.3, x.shape), p)
-    fn = pt.make_perturb_fn(mask, cfg, params=p)
+    pert = pt.statistical(cfg)
+    state = pert.init(p, mask)
+    assert isinstance(state, pt.VariationState)
     key = jax.random.key(14)
     direct = pt.perturb(key, p, mask, cfg)
-    jitted = jax.jit(fn)(key, p)
-    for a, b in zip(jax.tree.leaves(direct), jax.tree.leaves(jitted)):
+    jitted = jax.jit(pert.apply)(key, p, state)
+    for a, b in zip(jax.tree.leaves(direct), jax.tree.leaves(jitted)):  # jit: ulps (FMA)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     keys = jax.random.split(jax.random.key(15), 4)
-    batch = jax.jit(jax.vmap(fn, in_axes=(0, None)))(keys, p)
+    batch = jax.jit(jax.vmap(pert.apply, in_axes=(0, None, None)))(keys, p, state)
     assert batch["dense"]["kernel"].shape == (4,) + p["dense"]["kernel"].shape
-    one = jax.jit(fn)(keys[2], p)
-    np.testing.assert_allclose(np.asarray(batch["dense"]["kernel"][2]),
-                               np.asarray(one["dense"]["kernel"]), rtol=1e-6, atol=1e-7)
+    one = jax.jit(pert.apply)(keys[2], p, state)
+    np.testing.assert_array_equal(np.asarray(batch["dense"]["kernel"][2]),
+                                  np.asarray(one["dense"]["kernel"]))
+    # a sigma sweep as stacked states: each equals perturb with that sigma
+    sigmas = (0.1, 0.3)
+    stacked = jax.tree.map(lambda *a: jnp.stack(a),
+                           *[pert.init(p, mask, sigma_d=s) for s in sigmas])
+    swept = jax.jit(jax.vmap(pert.apply, in_axes=(None, None, 0)))(key, p, stacked)
+    for i, s in enumerate(sigmas):
+        ref = pt.perturb(key, p, mask, dataclasses.replace(cfg, sigma_d=s))
+        np.testing.assert_allclose(np.asarray(swept["conv"]["kernel"][i]),
+                                   np.asarray(ref["conv"]["kernel"]), rtol=1e-6, atol=1e-7)
+    # no mask = nothing verified
+    np.testing.assert_array_equal(
+        np.asarray(pert.apply(key, p, pert.init(p))["conv"]["kernel"]),
+        np.asarray(pt.perturb(key, p, None, cfg)["conv"]["kernel"]))
+
+
+def test_gaussian_perturbation_matches_statistical_with_its_sigmas():
+    p = _params()
+    cfg = VariationConfig(sigma_d=0.2, sigma_wv=0.05)
+    mask = jax.tree.map(lambda x: jax.random.bernoulli(jax.random.key(3), 0.5, x.shape), p)
+    su, sv = pt.weight_sigmas(p, cfg)
+    sig = jax.tree.map(lambda m, a, b: jnp.where(m, b, a), mask, su, sv)
+    g = pt.gaussian()
+    key = jax.random.key(4)
+    out = g.apply(key, p, g.init(p, sig))
+    ref = pt.perturb(key, p, mask, cfg)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    bad = jax.tree.map(lambda s: -s, sig)
+    bad["dense"]["bias"] = sig["dense"]["bias"]
+    with pytest.raises(ValueError, match=r"sigmas\['conv'\]\['kernel'\] must be >= 0"):
+        g.init(p, bad)
+    with pytest.raises(ValueError, match="sigmas"):
+        g.init(p, {"conv": sig["conv"]})
+
+
+def test_statistical_state_checked():
+    p = _params()
+    pert = pt.statistical(VariationConfig())
+    with pytest.raises(ValueError, match="sigma_d must be"):
+        pert.init(p, sigma_d=-0.1)
+    with pytest.raises(ValueError, match="sigma_wv must be"):
+        pert.init(p, sigma_wv=float("nan"))
+    with pytest.raises(ValueError, match="sigma_d must be a scalar"):
+        pert.init(p, sigma_d=np.ones(3))
+    with pytest.raises(ValueError, match="state must be the VariationState"):
+        pert.apply(jax.random.key(0), p, {"mask": None})
+    with pytest.raises(ValueError, match="cfg"):
+        pt.statistical(mapping.MappingConfig())
 
 
 def test_bfloat16_leaf_dtype_kept():
@@ -293,8 +346,7 @@ def test_mask_structure_mismatch_rejected():
            "dense": {"kernel": jnp.ones((10, 5), bool), "bias": jnp.ones((5,), bool)}}
     for f in (lambda: pt.perturb(jax.random.key(0), p, bad, VariationConfig()),
               lambda: pt.perturb_via_devices(jax.random.key(0), p, bad, VariationConfig()),
-              lambda: pt.make_perturb_fn(bad, VariationConfig(), params=p),
-              lambda: pt.make_perturb_fn(bad, VariationConfig())(jax.random.key(0), p)):
+              lambda: pt.statistical(VariationConfig()).init(p, bad)):
         with pytest.raises(ValueError, match="mask"):
             f()
 
@@ -305,8 +357,10 @@ def test_mask_shape_mismatch_rejected():
     bad["dense"]["kernel"] = jnp.ones((5, 10), bool)
     with pytest.raises(ValueError, match=r"mask\['dense'\]\['kernel'\] must have shape \(10, 5\)"):
         pt.perturb(jax.random.key(0), p, bad, VariationConfig())
+    pert = pt.statistical(VariationConfig())
+    state = pert.init(p)._replace(mask=bad)
     with pytest.raises(ValueError, match="mask"):
-        jax.jit(pt.make_perturb_fn(bad, VariationConfig()))(jax.random.key(0), p)
+        jax.jit(pert.apply)(jax.random.key(0), p, state)
 
 
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), -float("inf")])
@@ -316,7 +370,7 @@ def test_non_finite_weights_rejected(bad_value):
     with pytest.raises(ValueError, match=r"params\['dense'\]\['kernel'\] must be finite"):
         pt.perturb(jax.random.key(0), p, None, VariationConfig())
     with pytest.raises(ValueError, match="finite"):
-        pt.make_perturb_fn(None, VariationConfig(), params=p)
+        pt.statistical(VariationConfig()).init(p)
     with pytest.raises(ValueError, match="finite"):
         pt.validate(p, None, VariationConfig())
 
@@ -325,8 +379,6 @@ def test_bad_config_and_selection_rejected():
     p = _params()
     with pytest.raises(ValueError, match="cfg"):
         pt.perturb(jax.random.key(0), p, None, {"sigma_d": 0.1})
-    with pytest.raises(ValueError, match="cfg"):
-        pt.make_perturb_fn(None, mapping.MappingConfig())
     with pytest.raises(ValueError, match="selected"):
         pt.perturb(jax.random.key(0), p, None, VariationConfig(), {"conv": True})
     with pytest.raises(ValueError, match="selected"):

@@ -37,7 +37,7 @@ def _leaves_equal(a, b) -> bool:
 
 def kernel_noise(sigma: float):
     """Additive SWIM-like noise: N(0, (sigma * max|W|)^2) on every kernel (ndim >= 2)."""
-    def perturb_fn(key, variables):
+    def perturb_fn(key, variables, state=None):
         leaves, tree = jax.tree_util.tree_flatten(variables)
         keys = jax.random.split(key, len(leaves))
         out = [w + sigma * jnp.max(jnp.abs(w)) * jax.random.normal(k, w.shape) if w.ndim >= 2
@@ -127,16 +127,16 @@ def test_noise_injection_trains_at_perturbed_weights(small_digits):
     model = get_model("lenet")
     seen = []
 
-    def checked(key, variables):
+    def checked(key, variables, state):
         seen.append(jax.tree.structure(variables))  # traced once per compilation
         return kernel_noise(0.1)(key, variables)
 
     clean, _ = T.train(jax.random.key(0), model, small_digits, SMALL, progress=False)
-    noisy, hist = T.train(jax.random.key(0), model, small_digits, SMALL, perturb_fn=checked,
+    noisy, hist = T.train(jax.random.key(0), model, small_digits, SMALL, perturbation=checked,
                           progress=False)
     ident, _ = T.train(jax.random.key(0), model, small_digits, SMALL,
-                       perturb_fn=lambda k, v: v, progress=False)
-    # perturb_fn receives the full variables pytree, as apply_fn does
+                       perturbation=lambda k, v, s: v, progress=False)
+    # the perturbation receives the full variables pytree, as apply_fn does
     assert seen and seen[0] == jax.tree.structure(clean)
     assert all(np.all(np.isfinite(np.asarray(w))) for w in jax.tree.leaves(noisy))
     # noise changes the trajectory; biases (never perturbed) change too, via the gradients
@@ -202,9 +202,19 @@ def test_swimjax_perturbation_plugs_in(small_digits):
     variables = model.init(jax.random.key(0))
     mask = jax.tree.map(lambda w: jnp.zeros(w.shape, bool), variables)
     cfg = perturbation.VariationConfig(sigma_d=0.1, sigma_wv=0.03)
-    perturb_fn = perturbation.make_perturb_fn(mask, cfg, params=variables)
+    pert = perturbation.statistical(cfg)
     noisy, hist = T.train(jax.random.key(0), model, small_digits, SMALL,
-                          perturb_fn=perturb_fn, progress=False)
+                          perturbation=pert, noise_state=pert.init(variables, mask),
+                          progress=False)
+    # the default state is "nothing verified": the same as the all-False mask
+    default, _ = T.train(jax.random.key(0), model, small_digits, SMALL, perturbation=pert,
+                         progress=False)
+    assert _leaves_equal(noisy, default)
+    # another sigma is another state, not another compiled step
+    cache = T._make_train_step.cache_info()
+    T.train(jax.random.key(0), model, small_digits, SMALL, perturbation=pert,
+            noise_state=pert.init(variables, mask, sigma_d=0.2), progress=False)
+    assert T._make_train_step.cache_info().misses == cache.misses
     clean, _ = T.train(jax.random.key(0), model, small_digits, SMALL, progress=False)
     assert not _leaves_equal(noisy, clean)
     assert all(np.all(np.isfinite(np.asarray(w))) for w in jax.tree.leaves(noisy))
