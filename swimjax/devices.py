@@ -17,7 +17,9 @@ also available as an *effect* ``fn(key, g) -> g`` that :func:`chain` composes in
 the order given (the way ``optax.chain`` composes gradient transformations):
 
 * programming variation (:func:`program`; absolute, proportional to the level,
-  or a state-dependent polynomial ``sigma(x)`` fitted to hardware), cycle-to-cycle
+  or a state-dependent polynomial ``sigma(x)`` fitted to hardware; unclipped
+  by default, as SWIM's model, clipped to ``[0, 1]`` with ``clip=True``, whose
+  error moments :func:`write_error_moments` gives exactly), cycle-to-cycle
   variation of corrective pulses (:func:`pulse`), read noise (:func:`read`);
 * conductance drift ``g(t) = g0 (t / t0)^-nu`` with ``nu`` drawn per device at
   programming time (:func:`sample_nu`, :func:`apply_drift`; a state-independent
@@ -80,7 +82,14 @@ class DeviceConfig:
         when ``pulse_variation="proportional"``).
       pulse_variation: ``"absolute"`` or ``"proportional"`` (to the step).
       sigma_read: read noise of one read (std, full-scale units).
-      clip: clip conductances to the physical range ``[0, 1]`` after every write.
+      clip: clip conductances to the physical range ``[0, 1]`` after every
+        write. Off by default: the unclipped Gaussian is SWIM's statistical
+        model (:mod:`swimjax.perturbation`), whose weight error has zero mean.
+        A physical device cannot go below ``g_min`` or above ``g_max``, so the
+        physical presets (:data:`PRESETS`) clip; then a device at level 0 (or
+        at the top level) only errs upwards (downwards) and the weight error
+        has a bias towards zero: :func:`write_error_moments` gives it per
+        device, :func:`swimjax.programming.open_loop_weight_error` per weight.
       g_min_us, g_max_us: physical conductance range in microsiemens (for
         reporting and presets; the simulation is normalized).
       name: a label for tables and plots.
@@ -96,7 +105,7 @@ class DeviceConfig:
     sigma_pulse: float = 0.0
     pulse_variation: PulseVariation = "absolute"
     sigma_read: float = 0.0
-    clip: bool = True
+    clip: bool = False
     g_min_us: float = 0.0
     g_max_us: float = 1.0
     name: str = "generic"
@@ -106,6 +115,8 @@ class DeviceConfig:
         v.check_nonnegative("sigma_program", self.sigma_program)
         v.check_nonnegative("sigma_pulse", self.sigma_pulse)
         v.check_nonnegative("sigma_read", self.sigma_read)
+        if not isinstance(self.clip, (bool, np.bool_)):
+            raise ValueError(f"clip must be a bool, got {self.clip!r}")
         v.check_choice("variation", self.variation, ("absolute", "proportional", "polynomial"))
         try:
             poly = tuple(self.sigma_poly)
@@ -159,6 +170,43 @@ def program(key: jax.Array, target: jax.Array, device: DeviceConfig) -> jax.Arra
     """
     eps = _random.normal(key, jnp.shape(target), jnp.result_type(target, jnp.float32))
     return _clip(target + program_std(target, device) * eps, device)
+
+
+def write_error_moments(target: jax.Array, device: DeviceConfig
+                        ) -> tuple[jax.Array, jax.Array]:
+    """Exact mean and std of one open-loop write's error ``program(key, target,
+    device) - target`` (full-scale units; two arrays of ``target``'s shape).
+
+    Without clipping the error is ``N(0, sigma^2)`` (``sigma`` =
+    :func:`program_std`): mean 0, std ``sigma``. With ``device.clip`` it is the
+    Gaussian clipped to ``[-t, 1 - t]`` (``t`` the target): with ``a = -t /
+    sigma``, ``b = (1 - t) / sigma``, ``Phi``/``phi`` the standard normal cdf/pdf,
+
+    * ``E[e]   = -t Phi(a) + (1 - t) Phi(-b) + sigma (phi(a) - phi(b))``,
+    * ``E[e^2] = t^2 Phi(a) + (1 - t)^2 Phi(-b)
+      + sigma^2 (Phi(b) - Phi(a) + a phi(a) - b phi(b))``.
+
+    At ``t = 0`` the mean is ``sigma / sqrt(2 pi)`` (for ``sigma << 1``): the
+    one-sided error of a device at ``g_min``.
+    """
+    t = jnp.asarray(target)
+    t = t.astype(jnp.result_type(t, jnp.float32))
+    sd = program_std(t, device)
+    if not device.clip:
+        return jnp.zeros_like(t), sd
+    positive = sd > 0
+    safe = jnp.where(positive, sd, jnp.ones_like(sd))
+    lo, hi = -t, 1.0 - t
+    a, b = lo / safe, hi / safe
+    cdf_a, sf_b = jax.scipy.special.ndtr(a), jax.scipy.special.ndtr(-b)
+    pdf_a, pdf_b = jax.scipy.stats.norm.pdf(a), jax.scipy.stats.norm.pdf(b)
+    m1 = lo * cdf_a + hi * sf_b + safe * (pdf_a - pdf_b)
+    inner = (1.0 - cdf_a - sf_b) + a * pdf_a - b * pdf_b
+    m2 = lo * lo * cdf_a + hi * hi * sf_b + safe * safe * inner
+    std = jnp.sqrt(jnp.maximum(m2 - m1 * m1, 0.0))
+    # sigma = 0: a deterministic write to the clipped target.
+    mean = jnp.where(positive, m1, jnp.clip(t, 0.0, 1.0) - t)
+    return mean, jnp.where(positive, std, jnp.zeros_like(std))
 
 
 def pulse(key: jax.Array, g: jax.Array, step: jax.Array, device: DeviceConfig) -> jax.Array:
@@ -580,6 +628,16 @@ class DevicePreset:
     simulators use it: :func:`program` with them models a programmed device in
     one step. For an explicit write-verify loop give the device a pulse and read
     noise (``dataclasses.replace(p.device, sigma_pulse=..., sigma_read=...)``).
+
+    The physical presets clip conductances to ``[0, 1]`` (``clip=True``: a
+    device cannot leave its range), so devices at ``g_min`` or ``g_max`` err
+    one way only and the weight error has a bias: for a 128 x 128 Gaussian
+    kernel at ``sigma = 0.1``, -0.016 ``s`` (towards zero) on differential
+    1-bit devices, whose idle device errs upwards, and +0.024 ``s`` (away from
+    zero) on the default sign-bit mapping, whose level-0 slices err upwards.
+    :func:`swimjax.programming.open_loop_weight_error` computes it for any
+    weights, mapping and device. The ``"swim"`` preset is SWIM's unclipped,
+    zero-mean Gaussian.
     """
 
     device: DeviceConfig
@@ -591,7 +649,7 @@ class DevicePreset:
 def _poly_device(name: str, coeffs_us: Sequence[float], g_min_us: float, g_max_us: float,
                  variable: Literal["g_us", "g_over_gmax"]) -> DeviceConfig:
     poly = normalize_sigma_poly(coeffs_us, g_min_us, g_max_us, variable)
-    return DeviceConfig(sigma_program=0.0, variation="polynomial", sigma_poly=poly,
+    return DeviceConfig(sigma_program=0.0, variation="polynomial", sigma_poly=poly, clip=True,
                         g_min_us=g_min_us, g_max_us=g_max_us, name=name)
 
 
@@ -644,13 +702,14 @@ def _build_presets() -> dict[str, DevicePreset]:
     # replace with measured data.
     lo, hi = _ron_onoff(240e3, 100.0)
     p["fefet"] = DevicePreset(
-        DeviceConfig(sigma_program=0.1, g_min_us=lo, g_max_us=hi, name="fefet"),
+        DeviceConfig(sigma_program=0.1, clip=True, g_min_us=lo, g_max_us=hi, name="fefet"),
         source="NeuroSim V1.3 Table IV (range); sigma_program placeholder 0.1 (SWIM)")
     # STT-MRAM 22 nm (Intel): R_on 1.4 kOhm, on/off 2.8 (NeuroSim V1.3 Table IV);
     # binary device (use device_bits=1). Same sigma placeholder as FeFET.
     lo, hi = _ron_onoff(1.4e3, 2.8)
     p["stt_mram"] = DevicePreset(
-        DeviceConfig(sigma_program=0.1, g_min_us=lo, g_max_us=hi, name="stt_mram"),
+        DeviceConfig(sigma_program=0.1, clip=True, g_min_us=lo, g_max_us=hi,
+                     name="stt_mram"),
         source="NeuroSim V1.3 Table IV (range); sigma_program placeholder 0.1 (SWIM)")
     # SWIM (Yan, Hu, Shi, DAC 2022, reference code): sigma_d = 0.1 (to 0.3) of full
     # scale before write-verify, unclipped Gaussian; sigma_wv = 0.03 after it (a

@@ -22,7 +22,8 @@ which holds the levels of ``|W|`` where ``W > 0``, index 1 the negative device,
 which holds them where ``W < 0``; the idle device of each pair sits at
 ``g = 0``) or by a **digital sign bit** (``sign="sign_bit"``: conductances of
 shape ``(K, *W.shape)`` plus a ``+1/-1`` sign array; a zero weight has sign
-``+1``).
+``+1``). The default :class:`MappingConfig` is SWIM's reference: ``N = 8``,
+``m = 1``, sign bit.
 
 The read-out :func:`from_conductances` is *linear* in ``g`` (it never rounds),
 so it also turns noisy, programmed conductances into the weights the hardware
@@ -65,20 +66,30 @@ MAX_DEVICE_BITS = devices.MAX_LEVEL_BITS
 class MappingConfig:
     """How weights are quantized and sliced over devices.
 
+    The defaults are SWIM's reference mapping (``N = 8``, ``m = 1``, one device
+    per slice with a digital sign bit), the mapping of
+    :class:`swimjax.perturbation.VariationConfig`'s defaults, so the device
+    paths (:func:`swimjax.programming.program_params`) and the statistical model
+    (:func:`swimjax.perturbation.perturb`) describe the same hardware.
+
     Attributes:
       weight_bits: ``N``, magnitude bits per weight (sign not counted), in
         ``[1, 24]``.
       device_bits: ``m``, bits stored per device, in ``[1, min(weight_bits, 16)]``.
       scale: ``"per_tensor"`` (``s = max|W|``) or ``"per_channel"`` (one ``s``
         per output channel, the last axis).
-      sign: ``"differential"`` (a pair of devices per slice) or ``"sign_bit"``
-        (one device per slice plus a digital sign).
+      sign: ``"sign_bit"`` (one device per slice plus a digital sign) or
+        ``"differential"`` (a pair of devices per slice; the idle device of the
+        pair sits at ``g_min``, so with a clipping device,
+        ``DeviceConfig(clip=True)``, its error is one-sided and every weight is
+        pulled towards zero; with the sign bit, level-0 slices push the other
+        way: see :func:`swimjax.programming.open_loop_weight_error`).
     """
 
     weight_bits: int = 8
-    device_bits: int = 2
+    device_bits: int = 1
     scale: Scale = "per_tensor"
-    sign: Sign = "differential"
+    sign: Sign = "sign_bit"
 
     def __post_init__(self) -> None:
         v.check_int("weight_bits", self.weight_bits, 1, MAX_WEIGHT_BITS)

@@ -22,6 +22,16 @@ conductances --unmap--> the weights the hardware computes with``.
   :func:`swimjax.mapping.from_conductances` (no read noise: add it with
   :func:`swimjax.devices.read` if an evaluation wants it).
 
+* :class:`ProgrammingResult` also carries what a sweep row needs about the
+  verified devices: how many there are, how many failed, and their residual
+  std in full-scale units (``.residual_std``, to compare with SWIM's
+  ``sigma_wv``; :func:`swimjax.write_verify.config_for_sigma` picks a loop that
+  reaches it).
+* :func:`open_loop_weight_error` gives the exact bias and std of the weight
+  error of unverified programming for any mapping and device: zero mean and
+  SWIM's ``c(N, m) sigma`` under the defaults (sign bit, unclipped), a bias
+  towards zero with a clipping device (the physical presets).
+
 Unmapped leaves (biases, normalization parameters) are digital: returned
 exactly, with 0 write cycles. Entries of the mask on them are ignored.
 """
@@ -29,6 +39,7 @@ exactly, with 0 write cycles. Entries of the mask on them are ignored.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -42,7 +53,7 @@ from swimjax import write_verify as wv
 
 
 class ProgrammingResult(NamedTuple):
-    """Programmed parameters and their cost.
+    """Programmed parameters, their cost, and the residual error of verified devices.
 
     Attributes:
       params: the weights the hardware computes with (structure, shapes and
@@ -51,11 +62,22 @@ class ProgrammingResult(NamedTuple):
         the weight's devices (0 for digital leaves).
       failed: pytree like ``params``, bool per weight: any of its devices
         failed to converge within the pulse budget (False for digital leaves).
+      n_verified_devices: int32 scalar: devices that went through write-verify.
+      n_failed_devices: int32 scalar: verified devices that spent the pulse
+        budget outside tolerance.
+      residual_sq_sum: float32 scalar: ``sum (g - target)^2`` over verified
+        devices (normalized full-scale units squared), failed ones included.
+
+    The three scalars are arrays (so the result stays a pytree under ``jit``
+    and ``vmap``); the properties turn them into Python numbers (eager only).
     """
 
     params: Any
     cycles: Any
     failed: Any
+    n_verified_devices: jax.Array
+    n_failed_devices: jax.Array
+    residual_sq_sum: jax.Array
 
     @property
     def total_cycles(self) -> int:
@@ -68,6 +90,37 @@ class ProgrammingResult(NamedTuple):
         """Number of weights with a failed device (a Python int; eager only)."""
         return int(sum(int(np.count_nonzero(np.asarray(f)))
                        for f in jax.tree_util.tree_leaves(self.failed)))
+
+    @property
+    def failure_fraction(self) -> float:
+        """``n_failed_devices / n_verified_devices`` (0.0 when nothing is
+        verified; eager only)."""
+        n = int(self.n_verified_devices)
+        return int(self.n_failed_devices) / n if n else 0.0
+
+    @property
+    def residual_std(self) -> float:
+        """Root mean square of ``g - target`` over verified devices, failed ones
+        included, in full-scale units: the std of the zero-mean residual, to
+        compare with SWIM's ``sigma_wv`` (NaN when nothing is verified; eager
+        only)."""
+        n = int(self.n_verified_devices)
+        return math.sqrt(float(self.residual_sq_sum) / n) if n else math.nan
+
+
+class WeightError(NamedTuple):
+    """Moments of ``r = sign(W) dW / s``, the weight error in units of the
+    scale ``s``, signed so that ``r < 0`` points towards zero (``sign(W) =
+    +1`` for ``W >= 0``, the mapping's sign bit).
+
+    Attributes:
+      bias: mean of ``r`` (0 for SWIM's Gaussian model; negative when
+        clipping pulls weights towards zero).
+      std: std of ``r``.
+    """
+
+    bias: float
+    std: float
 
 
 def _device_axes(cfg: mapping.MappingConfig) -> tuple[int, ...]:
@@ -111,6 +164,7 @@ def _program_impl(key, params, mask, *, selected, mapping_cfg, device, wv_config
     mapped = {i: mapping.to_conductances(w, mapping_cfg)
               for i, (w, s) in enumerate(zip(leaves, selected)) if s}
     out_params, out_cycles, out_failed = list(leaves), [], []
+    stats = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
     if mapped:
         idx = sorted(mapped)
         gs = [mapped[i].g for i in idx]
@@ -119,6 +173,9 @@ def _program_impl(key, params, mask, *, selected, mapping_cfg, device, wv_config
         vmask = jnp.concatenate(
             [jnp.broadcast_to(masks[i], mapped[i].g.shape).ravel() for i in idx])
         res = wv.explicit(device, wv_config)(key, target, vmask)
+        err = (res.g - target).astype(jnp.float32)
+        stats = (jnp.sum(vmask, dtype=jnp.int32), jnp.sum(res.failed, dtype=jnp.int32),
+                 jnp.sum(jnp.where(vmask, err * err, 0.0)))
         offsets = np.cumsum([0] + [g.size for g in gs])
         programmed = {}
         for j, i in enumerate(idx):
@@ -136,7 +193,7 @@ def _program_impl(key, params, mask, *, selected, mapping_cfg, device, wv_config
             out_cycles.append(jnp.zeros(jnp.shape(w), jnp.int32))
             out_failed.append(jnp.zeros(jnp.shape(w), bool))
     return ProgrammingResult(treedef.unflatten(out_params), treedef.unflatten(out_cycles),
-                             treedef.unflatten(out_failed))
+                             treedef.unflatten(out_failed), *stats)
 
 
 def program_params(key: jax.Array, params: Any, mask: Any, mapping_cfg: mapping.MappingConfig,
@@ -158,18 +215,18 @@ def program_params(key: jax.Array, params: Any, mask: Any, mapping_cfg: mapping.
         mapped); default :func:`swimjax.mapping.mapped_leaves`.
 
     Returns:
-      :class:`ProgrammingResult` ``(params, cycles, failed)``, per weight;
-      ``.total_cycles`` and ``.n_failed`` give the totals.
+      :class:`ProgrammingResult`: ``params``, ``cycles`` and ``failed`` per
+      weight, and the device counts and residual of the verified devices;
+      ``.total_cycles``, ``.n_failed``, ``.n_failed_devices``,
+      ``.failure_fraction`` and ``.residual_std`` give the totals.
 
     Raises:
       ValueError: ``mask`` does not match ``params`` (structure, shapes, bool
         dtype), non-finite weights, bad configs.
     """
-    for name, obj, cls in (("mapping_cfg", mapping_cfg, mapping.MappingConfig),
-                           ("device", device, devices.DeviceConfig),
-                           ("wv_config", wv_config, wv.WriteVerifyConfig)):
-        if not isinstance(obj, cls):
-            raise ValueError(f"{name} must be a {cls.__name__}, got {type(obj).__name__}")
+    _check_configs(mapping_cfg=(mapping_cfg, mapping.MappingConfig),
+                   device=(device, devices.DeviceConfig),
+                   wv_config=(wv_config, wv.WriteVerifyConfig))
     sel = _check_inputs(params, mask, selected)
     return _program_impl(key, params, mask, selected=sel, mapping_cfg=mapping_cfg,
                          device=device, wv_config=wv_config)
@@ -208,8 +265,7 @@ def program_params_statistical(key: jax.Array, params: Any, mask: Any,
     Returns:
       The programmed parameter pytree (unmapped leaves unchanged).
     """
-    if not isinstance(mapping_cfg, mapping.MappingConfig):
-        raise ValueError(f"mapping_cfg must be a MappingConfig, got {type(mapping_cfg).__name__}")
+    _check_configs(mapping_cfg=(mapping_cfg, mapping.MappingConfig))
     v.check_nonnegative("sigma_unverified", sigma_unverified)
     v.check_nonnegative("sigma_verified", sigma_verified)
     if truncate is not None:
@@ -218,6 +274,103 @@ def program_params_statistical(key: jax.Array, params: Any, mask: Any,
     return _statistical_impl(key, params, mask, sigma_unverified, sigma_verified, selected=sel,
                              mapping_cfg=mapping_cfg,
                              truncate=None if truncate is None else float(truncate))
+
+
+def _check_configs(**configs: Any) -> None:
+    """``name=(obj, cls)``: raises ``ValueError`` naming the first mismatch."""
+    for name, (obj, cls) in configs.items():
+        if not isinstance(obj, cls):
+            raise ValueError(f"{name} must be a {cls.__name__}, got {type(obj).__name__}")
+
+
+def open_loop_weight_error_moments(w: jax.Array, mapping_cfg: mapping.MappingConfig,
+                                   device: devices.DeviceConfig
+                                   ) -> tuple[jax.Array, jax.Array]:
+    """Exact per-weight mean and std of ``r = sign(W) dW / s`` after one
+    open-loop write of every device (no write-verify).
+
+    ``dW`` is the programmed weight minus :func:`swimjax.mapping.quantize`
+    ``(W)``, ``s`` the weight's scale, ``sign(W) = +1`` for ``W >= 0``. Each
+    device's error has the moments of :func:`swimjax.devices.write_error_moments`
+    (a clipped Gaussian when ``device.clip``) and the read-out is linear, so with
+    slice weights ``w_i = (2^m - 1) 2^{m (K - i)} / (2^N - 1)``:
+
+    * sign bit: ``E[r] = sum_i w_i E[e_i]``, ``Var[r] = sum_i w_i^2 Var[e_i]``;
+    * differential: ``E[r] = sign(W) sum_i w_i (E[e+_i] - E[e-_i])``,
+      ``Var[r] = sum_i w_i^2 (Var[e+_i] + Var[e-_i])``.
+
+    Without clipping the mean is 0 and the std ``c(N, m) sigma`` (times
+    ``sqrt 2`` for a differential pair): SWIM's model. With clipping, the idle
+    device of a differential pair and every level-0 slice err upwards only,
+    which pulls the weight towards zero.
+
+    Args:
+      w: weights, any shape (floating).
+      mapping_cfg: the mapping.
+      device: the device (its open-loop variation and ``clip``).
+
+    Returns:
+      ``(mean, std)``, arrays of ``w``'s shape (float32 or wider), in units
+      of ``s``.
+
+    Raises:
+      ValueError: wrong config types; ``w`` not floating, empty, or (when
+        concrete) holding NaN or Inf.
+    """
+    _check_configs(mapping_cfg=(mapping_cfg, mapping.MappingConfig),
+                   device=(device, devices.DeviceConfig))
+    w = jnp.asarray(w)
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(f"w must be a floating-point array, got dtype {w.dtype}")
+    if w.size == 0:
+        raise ValueError(f"w must hold at least one weight, got shape {w.shape}")
+    v.check_finite_tree("w", w)
+    return _moments_impl(w, mapping_cfg=mapping_cfg, device=device)
+
+
+@functools.partial(jax.jit, static_argnames=("mapping_cfg", "device"))
+def _moments_impl(w: jax.Array, *, mapping_cfg: mapping.MappingConfig,
+                  device: devices.DeviceConfig) -> tuple[jax.Array, jax.Array]:
+    mt = mapping.to_conductances(w, mapping_cfg)
+    mean_dev, std_dev = devices.write_error_moments(mt.g, device)
+    wts = jnp.asarray(mapping_cfg.slice_weights() / mapping_cfg.max_q, mean_dev.dtype)
+    wts = wts.reshape((-1,) + (1,) * w.ndim)
+    var_dev = std_dev * std_dev
+    if mapping_cfg.sign == "differential":
+        sign = jnp.where(w < 0, -1.0, 1.0).astype(mean_dev.dtype)
+        mean = sign * jnp.sum(wts * (mean_dev[0] - mean_dev[1]), axis=0)
+        var = jnp.sum(wts * wts * (var_dev[0] + var_dev[1]), axis=0)
+    else:
+        mean = jnp.sum(wts * mean_dev, axis=0)
+        var = jnp.sum(wts * wts * var_dev, axis=0)
+    return mean, jnp.sqrt(var)
+
+
+def open_loop_weight_error(w: jax.Array, mapping_cfg: mapping.MappingConfig,
+                           device: devices.DeviceConfig) -> WeightError:
+    """Bias and std of ``r = sign(W) dW / s`` over a weight tensor after one
+    open-loop write of every device (no write-verify): the number to compare
+    with SWIM's zero-mean model (:mod:`swimjax.perturbation`).
+
+    Pools :func:`open_loop_weight_error_moments` over the weights (each
+    weight equally likely): ``bias = mean_j mu_j``, ``std^2 = mean_j
+    sigma_j^2 + var_j mu_j`` (float64, eager).
+
+    Under the defaults (``MappingConfig()``: sign bit, ``N = 8``, ``m = 1``;
+    ``DeviceConfig()``: unclipped) the bias is 0 and the std ``c(8, 1) sigma =
+    0.5796 sigma``. With a clipping device the bias of a 128 x 128 Gaussian
+    kernel at ``sigma = 0.1`` is -0.016 on a differential mapping with ``N =
+    8, m = 1`` (towards zero: the idle device errs upwards), -0.018 with ``m =
+    2``, and +0.024 on the sign-bit mapping (away from zero: level-0 slices err
+    upwards), against stds of 0.049, 0.075 and 0.036.
+
+    Raises:
+      ValueError: wrong config types, non-floating, empty or non-finite ``w``.
+    """
+    mean, std = open_loop_weight_error_moments(w, mapping_cfg, device)
+    mu = np.asarray(mean, np.float64).ravel()
+    var = np.asarray(std, np.float64).ravel() ** 2
+    return WeightError(bias=float(mu.mean()), std=math.sqrt(float(var.mean() + mu.var())))
 
 
 def cycles_full_write_verify(key: jax.Array, params: Any, mapping_cfg: mapping.MappingConfig,

@@ -121,14 +121,71 @@ def test_program_polynomial_clipped_at_zero():
 def test_program_clipping_closed_form():
     # target 0, sigma s: clipped to [0, 1]: P(g == 0) = 1/2, E[g] = s / sqrt(2 pi)
     s = 0.1
-    g = np.asarray(dv.program(jax.random.key(3), jnp.zeros((N,)), DeviceConfig(sigma_program=s)),
-                   np.float64)
+    g = np.asarray(dv.program(jax.random.key(3), jnp.zeros((N,)),
+                              DeviceConfig(sigma_program=s, clip=True)), np.float64)
     assert g.min() >= 0.0 and g.max() <= 1.0
     frac0 = np.mean(g == 0.0)
     assert abs(frac0 - 0.5) <= Z * math.sqrt(0.25 / N)
     e = s / math.sqrt(2 * math.pi)
     sd = s * math.sqrt(0.5 - 1 / (2 * math.pi))
     assert abs(g.mean() - e) <= Z * sd / math.sqrt(N)
+
+
+def test_default_device_is_swims_unclipped_gaussian():
+    assert not DeviceConfig().clip
+    with pytest.raises(ValueError, match="clip"):
+        DeviceConfig(clip=1)
+    g = dv.program(jax.random.key(30), jnp.zeros((N,)), DeviceConfig(sigma_program=0.1))
+    _mean_std_ok(g, 0.0, 0.1)            # zero mean at g_min: no one-sided error
+
+
+def test_physical_presets_clip_and_swim_does_not():
+    for name, p in dv.PRESETS.items():
+        assert p.device.clip == (name != "swim"), name
+
+
+def _truncated_reference(t, sd):
+    """Moments of clip(t + sd Z, 0, 1) - t by quadrature (scipy, float64)."""
+    mean = stats.norm.expect(lambda z: np.clip(t + sd * z, 0, 1) - t)
+    m2 = stats.norm.expect(lambda z: (np.clip(t + sd * z, 0, 1) - t) ** 2)
+    return mean, math.sqrt(m2 - mean ** 2)
+
+
+@pytest.mark.parametrize("device", [
+    DeviceConfig(sigma_program=0.1, clip=True),
+    DeviceConfig(sigma_program=0.8, clip=True),                        # both ends bind
+    DeviceConfig(sigma_program=0.2, variation="proportional", clip=True),
+    DeviceConfig(variation="polynomial", sigma_poly=(0.02, 0.05), clip=True),
+])
+def test_write_error_moments_closed_form_and_sampled(device):
+    targets = np.array([0.0, 1 / 3, 2 / 3, 1.0, 0.03], np.float32)
+    mean, std = (np.asarray(x, np.float64) for x in dv.write_error_moments(targets, device))
+    sds = np.asarray(dv.program_std(jnp.asarray(targets), device), np.float64)
+    for t, m, s, sd in zip(targets, mean, std, sds):
+        ref_m, ref_s = _truncated_reference(float(t), sd)
+        assert m == pytest.approx(ref_m, abs=2e-6) and s == pytest.approx(ref_s, abs=2e-6)
+    # Sampled: n draws per target; mean within 6 SE (sd / sqrt n), std within
+    # 6 SE of a sample variance from the sample's fourth moment.
+    n = 100_000
+    g = dv.program(jax.random.key(31), jnp.tile(jnp.asarray(targets)[:, None], (1, n)), device)
+    err = np.asarray(g, np.float64) - targets[:, None].astype(np.float64)
+    for row, m, s in zip(err, mean, std):
+        assert abs(row.mean() - m) <= Z * s / math.sqrt(n) + 1e-7
+        assert abs(row.var() - s * s) <= Z * _var_se(row) + 1e-9
+
+
+def test_write_error_moments_closed_form_at_g_min_and_unclipped():
+    s = 0.1
+    m, sd = dv.write_error_moments(jnp.zeros(()), DeviceConfig(sigma_program=s, clip=True))
+    assert float(m) == pytest.approx(s / math.sqrt(2 * math.pi), rel=1e-5)
+    assert float(sd) == pytest.approx(s * math.sqrt(0.5 - 1 / (2 * math.pi)), rel=1e-5)
+    m, sd = dv.write_error_moments(jnp.array([0.0, 0.5]), DeviceConfig(sigma_program=s))
+    np.testing.assert_array_equal(np.asarray(m), 0.0)
+    np.testing.assert_allclose(np.asarray(sd), s)
+    # sigma = 0 (proportional at level 0): exact write, no error.
+    m, sd = dv.write_error_moments(jnp.zeros(()), DeviceConfig(
+        sigma_program=0.3, variation="proportional", clip=True))
+    assert float(m) == 0.0 and float(sd) == 0.0
 
 
 def test_read_noise_not_clipped_and_identity_at_zero():

@@ -43,10 +43,21 @@ def test_config_range_in_message():
 @pytest.mark.parametrize("n, m, k", [(8, 1, 8), (8, 2, 4), (8, 3, 3), (7, 2, 4), (5, 5, 1),
                                      (1, 1, 1), (24, 7, 4), (24, 16, 2)])
 def test_n_slices(n, m, k):
-    cfg = MappingConfig(weight_bits=n, device_bits=m)
+    cfg = MappingConfig(weight_bits=n, device_bits=m, sign="differential")
     assert cfg.n_slices == k == math.ceil(n / m)
     assert cfg.devices_per_weight == 2 * k
     assert MappingConfig(n, m, sign="sign_bit").devices_per_weight == k
+
+
+def test_defaults_are_swims_reference_mapping():
+    # N = 8, m = 1, sign bit: the mapping of perturbation.VariationConfig's
+    # defaults, so device paths and the statistical model describe one array.
+    from swimjax import perturbation
+    cfg = MappingConfig()
+    assert (cfg.weight_bits, cfg.device_bits, cfg.scale, cfg.sign) == (
+        8, 1, "per_tensor", "sign_bit")
+    assert cfg == perturbation.VariationConfig().mapping_config
+    assert cfg.devices_per_weight == 8
 
 
 def test_config_is_frozen_and_hashable():
@@ -63,7 +74,7 @@ def test_config_is_frozen_and_hashable():
 def test_worked_example_differential():
     # N=4, m=2 -> K=2; s=1; q = round(15 |w|) = 15, 8 (7.5 rounds half to even), 4, 0
     w = jnp.array([[1.0, -0.5], [0.25, 0.0]])
-    cfg = MappingConfig(weight_bits=4, device_bits=2)
+    cfg = MappingConfig(weight_bits=4, device_bits=2, sign="differential")
     mt = mapping.to_conductances(w, cfg)
     assert mt.g.shape == (2, 2, 2, 2)
     assert mt.sign is None
@@ -166,9 +177,9 @@ def test_round_trip_exact_and_error_bound(case):
     assert np.all(np.isfinite(wq))
 
 
-@pytest.mark.parametrize("cfg", [MappingConfig(8, 1),
+@pytest.mark.parametrize("cfg", [MappingConfig(8, 1, sign="differential"),
                                  MappingConfig(7, 3, "per_channel", "sign_bit"),
-                                 MappingConfig(24, 16, "per_channel"),
+                                 MappingConfig(24, 16, "per_channel", "differential"),
                                  MappingConfig(5, 2, "per_tensor", "sign_bit")])
 def test_round_trip_exact_eager(cfg):
     """Op by op (no jit, no fusion) the round trip is exact too, and agrees with jit."""
@@ -254,7 +265,7 @@ def test_from_conductances_sign_bit_requires_sign():
 
 
 def test_bfloat16_weights_keep_dtype_and_round_trip():
-    cfg = MappingConfig(6, 2)
+    cfg = MappingConfig(6, 2, sign="differential")
     w = jax.random.normal(jax.random.key(3), (8, 8)).astype(jnp.bfloat16)
     back = mapping.from_conductances(mapping.to_conductances(w, cfg), cfg)
     assert back.dtype == jnp.bfloat16

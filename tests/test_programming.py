@@ -13,7 +13,8 @@ from swimjax import devices, mapping, programming
 from swimjax import write_verify as wv
 
 KEY = jax.random.key(7)
-MAP = mapping.MappingConfig(weight_bits=8, device_bits=2)  # K = 4, differential: 8 devices
+MAP = mapping.MappingConfig(weight_bits=8, device_bits=2,
+                            sign="differential")  # K = 4, differential: 8 devices
 MAP_SB = mapping.MappingConfig(weight_bits=8, device_bits=2, sign="sign_bit")
 
 
@@ -84,6 +85,13 @@ def test_pipeline_equals_explicit_on_concatenated_devices():
         assert np.all(np.asarray(res.cycles[a][b])[~mk] == MAP.devices_per_weight)
         assert np.all(np.asarray(res.cycles[a][b])[mk] >= MAP.devices_per_weight)
     assert res.total_cycles == int(np.sum(np.asarray(ref.cycles, np.int64)))
+    # Device-level residual of the verified devices, failed ones included.
+    vm = np.asarray(vmask)
+    err = np.asarray(ref.g, np.float64) - np.asarray(target, np.float64)
+    assert int(res.n_verified_devices) == vm.sum()
+    assert int(res.n_failed_devices) == np.asarray(ref.failed).sum()
+    assert res.residual_std == pytest.approx(math.sqrt(np.mean(err[vm] ** 2)), rel=1e-5)
+    assert res.failure_fraction == np.asarray(ref.failed).sum() / vm.sum()
 
 
 def test_verified_weights_error_bound_without_read_noise():
@@ -131,6 +139,70 @@ def test_measured_nwc_matches_fraction_model():
     se = math.sqrt(c_full.var() / c_full.size + c_sel[mk].var() / mk.sum()) * frac / c
     assert abs(measured - expected) < 6 * se + 1e-12, (measured, expected, se)
     assert np.all(c_sel[~mk] == d)
+
+
+def test_residual_stats_without_verification_and_under_vmap():
+    params = _params(20)
+    dev = devices.DeviceConfig(sigma_program=0.1, sigma_pulse=0.02)
+    cfg = wv.WriteVerifyConfig(tolerance=0.01, max_pulses=10)
+    none = jax.tree.map(lambda x: jnp.zeros(x.shape, bool), params)
+    res = programming.program_params(KEY, params, none, MAP_SB, dev, cfg)
+    assert int(res.n_verified_devices) == 0 and int(res.n_failed_devices) == 0
+    assert math.isnan(res.residual_std) and res.failure_fraction == 0.0
+    # The scalars are arrays, so the result batches like any pytree.
+    mask = _mask(params, 0.5, 21)
+    keys = jax.random.split(KEY, 2)
+    batched = jax.vmap(lambda k: programming.program_params(k, params, mask, MAP_SB, dev, cfg))(
+        keys)
+    one = programming.program_params(keys[1], params, mask, MAP_SB, dev, cfg)
+    assert batched.residual_sq_sum.shape == (2,)
+    np.testing.assert_allclose(np.asarray(batched.residual_sq_sum)[1],
+                               np.asarray(one.residual_sq_sum), rtol=1e-5)
+    assert int(batched.n_verified_devices[1]) == int(one.n_verified_devices)
+
+
+@pytest.mark.parametrize("cfg", [MAP, MAP_SB], ids=["differential", "sign_bit"])
+def test_open_loop_weight_error_moments_from_device_moments(cfg):
+    # An independent NumPy read-out of the per-device moments: levels of each
+    # slice from the integer magnitudes, idle device of the pair at level 0.
+    w = np.random.default_rng(22).standard_normal((30, 20)).astype(np.float32)
+    dev = devices.DeviceConfig(sigma_program=0.15, clip=True)
+    mean, std = programming.open_loop_weight_error_moments(jnp.asarray(w), cfg, dev)
+    q = np.asarray(mapping.quantize_levels(jnp.asarray(w), cfg)[0])
+    k, m = cfg.n_slices, cfg.device_bits
+    levels = [(q >> (m * (k - i))) & cfg.max_level for i in range(1, k + 1)]
+    wts = cfg.slice_weights() / cfg.max_q
+    exp_mean = np.zeros(w.shape)
+    exp_var = np.zeros(w.shape)
+    for wt, lv in zip(wts, levels):
+        mu, sd = (np.asarray(x, np.float64) for x in devices.write_error_moments(
+            jnp.asarray(lv / cfg.max_level, jnp.float32), dev))
+        exp_mean += wt * mu
+        exp_var += wt ** 2 * sd ** 2
+        if cfg.sign == "differential":
+            mu0, sd0 = (float(x) for x in devices.write_error_moments(jnp.zeros(()), dev))
+            exp_mean -= wt * mu0
+            exp_var += wt ** 2 * sd0 ** 2
+    np.testing.assert_allclose(np.asarray(mean), exp_mean, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(std), np.sqrt(exp_var), rtol=1e-5)
+    summary = programming.open_loop_weight_error(jnp.asarray(w), cfg, dev)
+    assert summary.bias == pytest.approx(exp_mean.mean(), rel=1e-5)
+    assert summary.std == pytest.approx(math.sqrt(exp_var.mean() + exp_mean.var()), rel=1e-5)
+
+
+def test_open_loop_weight_error_rejects_bad_input():
+    w = jnp.ones((3, 3))
+    dev = devices.DeviceConfig()
+    with pytest.raises(ValueError, match="mapping_cfg"):
+        programming.open_loop_weight_error(w, {"weight_bits": 8}, dev)
+    with pytest.raises(ValueError, match="device"):
+        programming.open_loop_weight_error(w, MAP, None)
+    with pytest.raises(ValueError, match="w must be a floating"):
+        programming.open_loop_weight_error(jnp.ones((3, 3), jnp.int32), MAP, dev)
+    with pytest.raises(ValueError, match="w must hold"):
+        programming.open_loop_weight_error(jnp.ones((0, 3)), MAP, dev)
+    with pytest.raises(ValueError, match="w"):
+        programming.open_loop_weight_error(w.at[0, 0].set(jnp.inf), MAP, dev)
 
 
 def test_failed_pytree_and_budget():
