@@ -19,8 +19,6 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from absl import logging
-
 Row = dict[str, Any]
 
 
@@ -62,6 +60,7 @@ def read_rows(path: str | os.PathLike) -> list[Row]:
         except ValueError as e:
             is_last = all(not rest.strip() for rest in lines[i + 1:])
             if is_last:
+                from absl import logging
                 logging.warning("%s: dropping a torn last line (%s)", path, e)
                 break
             raise ValueError(f"{path}: line {i + 1} is not a JSON object: {e}") from None
