@@ -193,7 +193,7 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(ts)
 
 
-def states_sweep(key: jax.Array, apply_fn, variables, cfg, x, y, n_runs: int,
+def states_sweep(key, apply_fn, variables, cfg, x, y, n_runs: int,
                  n_states: int) -> dict | None:
     """Wall times (compilation included) of a sweep over ``n_states`` masks:
     masks as states (one call; one call each) vs masks closed over (the

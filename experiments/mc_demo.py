@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
     _cli.check_sweep_inputs(config, FLAGS.out_dir)
     rows = sweep.run_sweep(config, FLAGS.out_dir)
     wv = config.write_verify_config()
-    print(f"\nLeNet / {config.dataset}: sigma_d = {config.sigma_d}, write-verify tolerance "
+    print(f"\nLeNet / {config.dataset}: sigma_d = {config.sigma_d[0]}, write-verify tolerance "
           f"{wv.tolerance:.4f} (max {wv.max_pulses} pulses), N = {config.weight_bits}, "
           f"m = {config.device_bits}, {config.mc_runs} Monte-Carlo runs\n")
     print(f"{'scheme':<22}{'cycles/device':>14}{'NWC':>8}{'acc mean %':>12}{'std':>7}"

@@ -30,8 +30,10 @@ flags.DEFINE_list("methods", list(_D.methods),
                   f"Selection methods, any of {list(sensitivity.available_methods())}.")
 flags.DEFINE_list("budgets", [f"{b:g}" for b in _D.budgets],
                   "Fractions of mapped weights to write-verify, each in [0, 1].")
-flags.DEFINE_float("sigma_d", _D.sigma_d, "Device variation without write-verify "
-                   "(std, fraction of a device's full scale).")
+flags.DEFINE_list("sigma_d", [f"{s:g}" for s in _D.sigma_d],
+                  "Device variation without write-verify (std, fraction of a device's full "
+                  "scale); several values sweep them (statistical: one compiled program for "
+                  "all), e.g. --sigma_d=0.1,0.2,0.3.")
 flags.DEFINE_float("sigma_wv", _D.sigma_wv, "Residual variation after write-verify.")
 flags.DEFINE_integer("weight_bits", _D.weight_bits, "N: magnitude bits per weight.")
 flags.DEFINE_integer("device_bits", _D.device_bits, "m: bits per device (1 <= m <= N).")
@@ -43,9 +45,12 @@ flags.DEFINE_integer("train_epochs", None, "Training epochs (default: the model'
 flags.DEFINE_integer("n_train", None, "Training images to train and score on (default: all).")
 flags.DEFINE_integer("n_test", None, "Test images to evaluate on (default: all).")
 flags.DEFINE_integer("n_score", None, "Training images used for the scores (default: all).")
-flags.DEFINE_float("tolerance", None, "Explicit write-verify acceptance band "
-                   "(default sqrt(3) * sigma_wv).")
-flags.DEFINE_integer("max_pulses", _D.max_pulses, "Explicit write-verify pulse budget.")
+flags.DEFINE_float("tolerance", None, "Explicit write-verify acceptance band (default: the "
+                   "band that leaves verified devices with residual std sigma_wv).")
+flags.DEFINE_integer("max_pulses", None, "Explicit write-verify pulse budget (default: the "
+                     "smallest that keeps failures under --max_failure).")
+flags.DEFINE_float("max_failure", _D.max_failure, "Largest fraction of verified devices "
+                   "allowed to fail when the loop is chosen automatically.")
 flags.DEFINE_float("sigma_read", _D.sigma_read, "Read noise during verify.")
 flags.DEFINE_integer("chunk_size", None, "Monte-Carlo runs per vmapped chunk (default: auto).")
 flags.DEFINE_bool("measure_cycles", True, "Measure NWC in write cycles with one explicit "
@@ -55,18 +60,17 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
 def config_from_flags() -> sweep.SweepConfig:
-    try:
-        budgets = tuple(float(b) for b in FLAGS.budgets)
-    except ValueError:
-        raise ValueError(f"--budgets must be numbers in [0, 1], got {FLAGS.budgets}") from None
+    budgets = _cli.real_list_flag("budgets", 0.0, 1.0)
+    sigmas = _cli.real_list_flag("sigma_d", 0.0, None)
     return sweep.SweepConfig(
         model=FLAGS.model, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
         checkpoint=FLAGS.checkpoint, methods=tuple(FLAGS.methods), budgets=budgets,
-        sigma_d=FLAGS.sigma_d, sigma_wv=FLAGS.sigma_wv, weight_bits=FLAGS.weight_bits,
+        sigma_d=sigmas, sigma_wv=FLAGS.sigma_wv, weight_bits=FLAGS.weight_bits,
         device_bits=FLAGS.device_bits, write_verify=FLAGS.write_verify, mc_runs=FLAGS.mc_runs,
         seed=FLAGS.seed, train_epochs=FLAGS.train_epochs, n_train=FLAGS.n_train,
         n_test=FLAGS.n_test,
         n_score=FLAGS.n_score, tolerance=FLAGS.tolerance, max_pulses=FLAGS.max_pulses,
+        max_failure=FLAGS.max_failure,
         sigma_read=FLAGS.sigma_read, chunk_size=FLAGS.chunk_size,
         measure_cycles=FLAGS.measure_cycles, progress=FLAGS.progress)
 

@@ -553,8 +553,8 @@ def _device_fn(apply_fn: ApplyFn, perturb_fn: PerturbFn, loss_fn: LossFn, vmap_s
 
         def loop(g, acc):
             state = jax.tree.map(lambda a: a[sidx[g]], states)
-            c, l = group_fn(keys[g], clean[g], state, params, xb, yb, mb)
-            return acc[0].at[g].set(c), acc[1].at[g].set(l)
+            c, loss = group_fn(keys[g], clean[g], state, params, xb, yb, mb)
+            return acc[0].at[g].set(c), acc[1].at[g].set(loss)
 
         init = (jnp.zeros((g_max, vmap_size), jnp.int32),
                 jnp.zeros((g_max, vmap_size), jnp.float32))

@@ -50,6 +50,7 @@ from swimjax import _validation as v
 from swimjax import devices
 from swimjax import mapping
 from swimjax import write_verify as wv
+from swimjax.perturbation import Perturbation
 
 
 class ProgrammingResult(NamedTuple):
@@ -379,3 +380,42 @@ def cycles_full_write_verify(key: jax.Array, params: Any, mapping_cfg: mapping.M
     """:func:`program_params` with every weight verified: the reference of NWC."""
     mask = jax.tree.map(lambda w: jnp.ones(jnp.shape(w), bool), params)
     return program_params(key, params, mask, mapping_cfg, device, wv_config, selected)
+
+
+class ExplicitState(NamedTuple):
+    """The data of :func:`explicit`: the write-verify mask (a pytree shaped
+    like ``params``, one bool per weight, ``True`` = verified)."""
+
+    mask: Any
+
+
+def explicit(mapping_cfg: mapping.MappingConfig, device: devices.DeviceConfig,
+             wv_config: wv.WriteVerifyConfig, selected: Any | None = None
+             ) -> Perturbation:
+    """Explicit programming as a :class:`~swimjax.perturbation.Perturbation`:
+    every Monte-Carlo run maps the weights, programs every device through the
+    iterative write-verify loop (:func:`program_params`) and reads them out.
+
+    ``init(params, mask=None) -> ExplicitState`` validates the inputs (no mask:
+    nothing verified) and ``apply(key, params, state) -> params`` programs. The
+    mask is data, so one compiled program serves every mask of a sweep; the
+    device and the loop are the static part of the model.
+    """
+    _check_configs(mapping_cfg=(mapping_cfg, mapping.MappingConfig),
+                   device=(device, devices.DeviceConfig),
+                   wv_config=(wv_config, wv.WriteVerifyConfig))
+
+    def init(params: Any, mask: Any | None = None) -> ExplicitState:
+        if mask is None:
+            mask = jax.tree.map(lambda w: np.zeros(np.shape(w), bool), params)
+        _check_inputs(params, mask, selected)
+        return ExplicitState(jax.tree.map(lambda m: jnp.asarray(m, bool), mask))
+
+    def apply(key: jax.Array, params: Any, state: ExplicitState) -> Any:
+        if not isinstance(state, ExplicitState):
+            raise ValueError(f"state must be the ExplicitState of init(), got "
+                             f"{type(state).__name__}")
+        return program_params(key, params, state.mask, mapping_cfg, device, wv_config,
+                              selected).params
+
+    return Perturbation(init, apply)

@@ -16,9 +16,12 @@ Two write-verify models (``config.write_verify``):
 * ``"explicit"`` — every Monte-Carlo run programs the mapped weights through
   the device model and the iterative write-verify loop
   (:mod:`swimjax.programming`): devices with open-loop variation ``sigma_d``,
-  verified devices pulsed until within ``tolerance`` (default
-  ``sqrt(3) * sigma_wv``, which gives a residual std of about ``sigma_wv`` for
-  an error spread evenly over the acceptance band).
+  verified devices pulsed until within ``tolerance`` or out of ``max_pulses``
+  (by default both from :func:`swimjax.write_verify.config_for_sigma`: the
+  loop whose verified devices, failed ones included, end with residual std
+  ``sigma_wv``, at most ``max_failure`` of them failing). Explicit rows (and
+  every row with ``measure_cycles``) report the tolerance and budget used,
+  the failed devices and the measured residual std of the verified devices.
 
 NWC is reported two ways: ``nwc`` = fraction of mapped weights verified (SWIM's
 axis) and ``nwc_cycles`` = total write cycles of the scheme over those of full
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
+import json
 import os
 import time
 import zlib
@@ -44,14 +47,25 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from swimjax import __version__ as swimjax_version
 from swimjax import _validation as v
 from swimjax import (checkpoint, data as data_lib, devices, mapping, models, montecarlo,
                      perturbation, programming, report, results, selection, sensitivity,
                      training, write_verify)
 
-KEY_FIELDS = ("model", "dataset", "method", "budget", "sigma_d", "sigma_wv", "weight_bits",
-              "device_bits", "write_verify", "mc_runs", "seed", "n_train", "n_test")
+#: What identifies a row: the configuration's digest (every setting that
+#: changes the numbers, the trained weights' and the test data's digests and the
+#: library version; see :func:`identity`) and the point within it.
+KEY_FIELDS = ("config_id", "method", "budget", "sigma_d")
+#: SweepConfig fields that do not change any number of a row (chunking is
+#: bit-identical; methods, budgets and sigmas are the points themselves).
+NON_IDENTITY_FIELDS = ("methods", "budgets", "sigma_d", "chunk_size", "progress")
 DEFAULT_BUDGETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+#: Curvature methods asked for weight-unit scores (their ranking by
+#: ``h_ii (sigma_u^2 - sigma_v^2)`` with per-layer sigmas is then SWIM's).
+WEIGHT_UNIT_METHODS = ("swim", "swim_grad")
+#: Pulse budget of a hand-set ``tolerance`` without ``max_pulses``.
+DEFAULT_MAX_PULSES = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +80,9 @@ class SweepConfig:
         does not exist (default ``<out_dir>/<model>_<dataset>_seed<seed>.msgpack``).
       methods: selection methods (:func:`swimjax.sensitivity.available_methods`).
       budgets: fractions of mapped weights to write-verify, each in [0, 1].
-      sigma_d: device programming variation without write-verify (full-scale units).
+      sigma_d: device programming variation without write-verify (full-scale
+        units): one value or a tuple of values to sweep (all statistical
+        points of all sigmas are evaluated by one compiled program).
       sigma_wv: residual variation after write-verify (full-scale units).
       weight_bits: N, magnitude bits per weight (>= 1).
       device_bits: m, bits per device (1 <= m <= N).
@@ -77,8 +93,12 @@ class SweepConfig:
       n_train: training images used for training and scores (None: all).
       n_test: test images used (None: all).
       n_score: training images used to compute the scores (None: all).
-      tolerance: explicit write-verify acceptance band (None: sqrt(3) * sigma_wv).
-      max_pulses: explicit write-verify pulse budget per device.
+      tolerance: explicit write-verify acceptance band (full-scale units; None:
+        from :func:`swimjax.write_verify.config_for_sigma`).
+      max_pulses: explicit write-verify pulse budget per device (None: from
+        :func:`swimjax.write_verify.config_for_sigma`).
+      max_failure: the largest fraction of verified devices allowed to fail
+        when the budget is chosen automatically, in (0, 1).
       sigma_read: read noise during verify (full-scale units).
       chunk_size: Monte-Carlo runs per vmapped chunk (None: automatic).
       measure_cycles: measure ``nwc_cycles`` with one explicit programming pass
@@ -92,7 +112,7 @@ class SweepConfig:
     checkpoint: str | None = None
     methods: tuple[str, ...] = ("swim", "magnitude", "random")
     budgets: tuple[float, ...] = DEFAULT_BUDGETS
-    sigma_d: float = 0.2
+    sigma_d: tuple[float, ...] = (0.2,)
     sigma_wv: float = 0.03
     weight_bits: int = 8
     device_bits: int = 1
@@ -104,7 +124,8 @@ class SweepConfig:
     n_test: int | None = None
     n_score: int | None = None
     tolerance: float | None = None
-    max_pulses: int = 20
+    max_pulses: int | None = None
+    max_failure: float = 1e-3
     sigma_read: float = 0.0
     chunk_size: int | None = None
     measure_cycles: bool = True
@@ -120,10 +141,17 @@ class SweepConfig:
         for b in self.budgets:
             v.check_range("budgets", b, 0.0, 1.0)
         v.check_choice("model", self.model, models.available_models())
-        v.check_nonnegative("sigma_d", self.sigma_d)
+        sigmas = self.sigma_d if isinstance(self.sigma_d, (tuple, list)) else (self.sigma_d,)
+        if not sigmas:
+            raise ValueError("sigma_d must hold at least one value >= 0")
+        object.__setattr__(self, "sigma_d", tuple(
+            v.check_nonnegative("sigma_d", s) for s in dict.fromkeys(sigmas)))
+        object.__setattr__(self, "methods", tuple(dict.fromkeys(self.methods)))
+        object.__setattr__(self, "budgets", tuple(float(b) for b in dict.fromkeys(self.budgets)))
         v.check_nonnegative("sigma_wv", self.sigma_wv)
-        v.check_int("weight_bits", self.weight_bits, 1, 32)
-        v.check_int("device_bits", self.device_bits, 1, self.weight_bits)
+        v.check_int("weight_bits", self.weight_bits, 1, mapping.MAX_WEIGHT_BITS)
+        v.check_int("device_bits", self.device_bits, 1,
+                    min(self.weight_bits, mapping.MAX_DEVICE_BITS))
         v.check_choice("write_verify", self.write_verify, ("statistical", "explicit"))
         v.check_int("mc_runs", self.mc_runs, 1, None)
         v.check_int("seed", self.seed, 0, None)
@@ -137,7 +165,17 @@ class SweepConfig:
             v.check_int("n_score", self.n_score, 1, None)
         if self.tolerance is not None:
             v.check_positive("tolerance", self.tolerance)
-        v.check_int("max_pulses", self.max_pulses, 1, None)
+        if self.max_pulses is not None:
+            v.check_int("max_pulses", self.max_pulses, 1, None)
+        v.check_range("max_failure", self.max_failure, 0.0, 1.0, low_inclusive=False,
+                      high_inclusive=False)
+        if (self.write_verify == "explicit" or self.measure_cycles) and self.tolerance is None \
+                and not 0.0 < self.sigma_wv < min(self.sigma_d):
+            raise ValueError(
+                f"sigma_wv must be in (0, min(sigma_d)) = (0, {min(self.sigma_d)}) for the "
+                f"explicit write-verify loop (write_verify='explicit' or measure_cycles), got "
+                f"{self.sigma_wv}; set tolerance to choose the loop by hand, or turn "
+                f"measure_cycles off")
         v.check_nonnegative("sigma_read", self.sigma_read)
         if self.chunk_size is not None:
             v.check_int("chunk_size", self.chunk_size, 1, None)
@@ -155,21 +193,36 @@ class SweepConfig:
         return mapping.MappingConfig(weight_bits=self.weight_bits, device_bits=self.device_bits,
                                      sign="sign_bit")
 
-    def variation_config(self) -> perturbation.VariationConfig:
-        return perturbation.VariationConfig(sigma_d=self.sigma_d, sigma_wv=self.sigma_wv,
-                                            weight_bits=self.weight_bits,
-                                            device_bits=self.device_bits)
+    def variation_config(self, sigma_d: float | None = None) -> perturbation.VariationConfig:
+        """SWIM's statistical model at ``sigma_d`` (default: the first swept one)."""
+        return perturbation.VariationConfig(
+            sigma_d=self.sigma_d[0] if sigma_d is None else sigma_d, sigma_wv=self.sigma_wv,
+            weight_bits=self.weight_bits, device_bits=self.device_bits)
 
-    def device_config(self) -> devices.DeviceConfig:
+    def device_config(self, sigma_d: float | None = None) -> devices.DeviceConfig:
         """The device of the explicit loop: open-loop writes (and corrective
-        pulses) with variation ``sigma_d``, reads with ``sigma_read``.
-        Conductances are not clipped, as in SWIM's Gaussian model."""
-        return devices.DeviceConfig(sigma_program=self.sigma_d, sigma_pulse=self.sigma_d,
+        pulses) with variation ``sigma_d`` (default: the first swept one),
+        reads with ``sigma_read``. Conductances are not clipped, as in SWIM's
+        Gaussian model."""
+        s = self.sigma_d[0] if sigma_d is None else sigma_d
+        return devices.DeviceConfig(sigma_program=s, sigma_pulse=s,
                                     sigma_read=self.sigma_read, clip=False, name="sweep")
 
-    def write_verify_config(self) -> write_verify.WriteVerifyConfig:
-        tol = self.tolerance if self.tolerance is not None else math.sqrt(3.0) * self.sigma_wv
-        return write_verify.WriteVerifyConfig(tolerance=tol, max_pulses=self.max_pulses)
+    def write_verify_config(self, sigma_d: float | None = None) -> write_verify.WriteVerifyConfig:
+        """The explicit loop at ``sigma_d`` (default: the first swept one):
+        :func:`swimjax.write_verify.config_for_sigma` for ``sigma_wv`` on this
+        device, with ``tolerance`` / ``max_pulses`` replaced where set."""
+        if self.tolerance is not None and self.max_pulses is not None:
+            return write_verify.WriteVerifyConfig(tolerance=self.tolerance,
+                                                  max_pulses=self.max_pulses)
+        if self.tolerance is not None:
+            return write_verify.WriteVerifyConfig(tolerance=self.tolerance,
+                                                  max_pulses=DEFAULT_MAX_PULSES)
+        auto = write_verify.config_for_sigma(self.sigma_wv, self.device_config(sigma_d),
+                                             max_failure=self.max_failure)
+        if self.max_pulses is None:
+            return auto
+        return dataclasses.replace(auto, max_pulses=self.max_pulses)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +235,14 @@ class Prepared:
     clean_test_accuracy: float
     checkpoint_path: str
     trained_now: bool
+
+    @property
+    def weights_sha256(self) -> str:
+        """A digest of the variables (every leaf's path, dtype, shape and bytes)."""
+        leaves = jax.tree_util.tree_leaves_with_path(self.variables)
+        return _digest(np.frombuffer("".join(jax.tree_util.keystr(p) for p, _ in leaves)
+                                     .encode(), np.uint8),
+                       *[np.asarray(a) for _, a in leaves])
 
 
 def default_checkpoint_path(config: SweepConfig, out_dir: str) -> str:
@@ -227,55 +288,53 @@ def prepare(config: SweepConfig, out_dir: str) -> Prepared:
     return Prepared(model, variables, data, acc, path, trained_now)
 
 
-def score_batches(data: data_lib.Dataset, n_score: int | None, batch_size: int = 500):
-    """The training data used for scoring, as stacked batches ``(x, y)`` of shapes
-    ``(n_batches, batch_size, ...)``, ``(n_batches, batch_size)``."""
+def score_batches(data: data_lib.Dataset, n_score: int | None, batch_size: int = 500
+                  ) -> sensitivity.Batches:
+    """The training examples used for scoring (the first ``n_score``, or all),
+    as stacked weighted batches ``(x, y, w)`` of shapes ``(n_batches, B, ...)``,
+    ``(n_batches, B)``, ``(n_batches, B)``; the last batch is padded with
+    zero-weight examples, so every example counts once."""
     x, y = data.x_train, data.y_train
     n = len(x) if n_score is None else min(n_score, len(x))
-    bs = min(batch_size, n)
-    nb = n // bs
-    return (jnp.asarray(x[: nb * bs]).reshape(nb, bs, *x.shape[1:]),
-            jnp.asarray(y[: nb * bs]).reshape(nb, bs))
+    return sensitivity.make_batches(x[:n], y[:n], min(batch_size, n))
 
 
-def masked_model(config: SweepConfig, apply_fn: Callable[[Any, jax.Array], jax.Array],
-                 selected: Any) -> tuple[Callable, Callable]:
-    """``(apply_fn, perturb_fn)`` over the pair ``{"params": p, "mask": m}``.
-
-    The write-verify mask travels as data beside the parameters instead of
-    being closed over, so every point of a sweep runs the same two functions:
-    :func:`swimjax.montecarlo.evaluate` compiles once and reuses the program
-    for every (method, budget).
-    """
-    if config.write_verify == "statistical":
-        vcfg = config.variation_config()
-
-        def program(key, p, m):
-            return perturbation.perturb(key, p, m, vcfg, selected)
-    else:
-        hw = (config.mapping_config(), config.device_config(), config.write_verify_config())
-
-        def program(key, p, m):
-            return programming.program_params(key, p, m, *hw, selected).params
-
-    def masked_apply(pm, x):
-        return apply_fn(pm["params"], x)
-
-    def masked_perturb(key, pm):
-        return {"params": program(key, pm["params"], pm["mask"]), "mask": pm["mask"]}
-
-    return masked_apply, masked_perturb
-
-
-def mask_fingerprint(mask: Any) -> str:
-    """A digest of a mask's bits: points with equal masks (budget 0 and 1 of
-    every method) share one Monte-Carlo evaluation, which is exact because all
-    points use the same run keys."""
+def _digest(*arrays: Any) -> str:
     h = hashlib.sha256()
-    for m in jax.tree.leaves(mask):
-        h.update(np.packbits(np.asarray(m, dtype=bool)).tobytes())
-        h.update(str(np.shape(m)).encode())
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
     return h.hexdigest()
+
+
+def identity(config: SweepConfig, prep: Prepared) -> dict[str, Any]:
+    """Every setting a row's numbers depend on, as JSON-able values.
+
+    The configuration's fields (but :data:`NON_IDENTITY_FIELDS`), with the
+    checkpoint and data paths replaced by what they hold: the trained weights'
+    sha256 (so a retrained or replaced model never reuses old rows) and the
+    test data's sha256, plus the swimjax version. ``config_id`` (see
+    :func:`config_id`) is its digest.
+    """
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+              if f.name not in NON_IDENTITY_FIELDS + ("checkpoint", "data_dir")}
+    fields["dataset"] = config.dataset_label
+    fields.update(weights_sha256=prep.weights_sha256,
+                  test_data_sha256=_digest(prep.data.x_test, prep.data.y_test),
+                  swimjax_version=swimjax_version)
+    return json.loads(json.dumps(fields, sort_keys=True, default=str))
+
+
+def config_id(ident: dict[str, Any]) -> str:
+    """A short digest of :func:`identity` (16 hex digits)."""
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _differences(row: dict[str, Any], ident: dict[str, Any]) -> list[str]:
+    """The identity fields in which ``row`` differs from ``ident``."""
+    return [f"{k}: {row.get(k)!r} -> {ident[k]!r}" for k in sorted(ident)
+            if results.point_key({k: row.get(k)}, (k,)) != results.point_key(ident, (k,))]
 
 
 def _score(method: str, key: jax.Array, apply_fn, params, batches) -> Any:
@@ -287,7 +346,7 @@ def _score(method: str, key: jax.Array, apply_fn, params, batches) -> Any:
     max-normalized curvature).
     """
     key = jax.random.fold_in(key, zlib.crc32(method.encode()) % 2**31)
-    kw = {"normalize": False} if method == "swim" else {}
+    kw = {"normalize": False} if method in WEIGHT_UNIT_METHODS else {}
     return sensitivity.score(method, key, apply_fn, params, batches, **kw)
 
 
@@ -302,91 +361,208 @@ def _select(method: str, scores: Any, budget: float, sigma_u: Any, sigma_v: Any,
                             params=params, selected=selected)
 
 
+def _title(config: SweepConfig, sigma_d: float) -> str:
+    return (f"{config.model} / {config.dataset_label}: sigma_d={sigma_d:g}, "
+            f"sigma_wv={config.sigma_wv}, N={config.weight_bits}, m={config.device_bits}, "
+            f"{config.write_verify} write-verify, {config.mc_runs} MC runs")
+
+
+def plot_path(out_dir: str, config: SweepConfig, sigma_d: float) -> str:
+    """``accuracy_vs_nwc.png``, or ``accuracy_vs_nwc_sigma<s>.png`` when several
+    sigmas are swept."""
+    suffix = "" if len(config.sigma_d) == 1 else f"_sigma{sigma_d:g}"
+    return os.path.join(out_dir, f"accuracy_vs_nwc{suffix}.png")
+
+
 def run_sweep(config: SweepConfig, out_dir: str) -> list[dict[str, Any]]:
-    """Runs (or resumes) the sweep; returns every row of this configuration."""
+    """Runs (or resumes) the sweep; returns every row of this configuration.
+
+    Rows already in ``<out_dir>/results.jsonl`` are reused only if their
+    ``config_id`` (:func:`identity`) equals this run's; rows of another
+    configuration stay in the file but never enter this summary (a warning
+    names the settings that differ).
+    """
     os.makedirs(out_dir, exist_ok=True)
     res = results.ResultsFile(os.path.join(out_dir, "results.jsonl"), KEY_FIELDS)
-    base = dict(model=config.model, dataset=config.dataset_label, sigma_d=config.sigma_d,
-                sigma_wv=config.sigma_wv, weight_bits=config.weight_bits,
-                device_bits=config.device_bits, write_verify=config.write_verify,
-                mc_runs=config.mc_runs, seed=config.seed,
-                n_train=config.n_train or -1, n_test=config.n_test or -1)
-    todo = [(m, float(b)) for m in config.methods for b in config.budgets
-            if not res.has(dict(base, method=m, budget=float(b)))]
-    logging.info("%d of %d points to run", len(todo), len(config.methods) * len(config.budgets))
+    prep = prepare(config, out_dir)
+    ident = identity(config, prep)
+    cid = config_id(ident)
+    base = dict(ident, config_id=cid)
+    others = [r for r in res.rows if r.get("config_id") != cid]
+    if others:
+        diffs = sorted({d for r in others for d in _differences(r, ident)})
+        logging.warning("%d rows of %s come from another configuration and are left out of "
+                        "this run's summary (differing: %s)", len(others), res.path,
+                        "; ".join(diffs[:8]) + (" ..." if len(diffs) > 8 else ""))
+    points = [(s, m, b) for s in config.sigma_d for m in config.methods for b in config.budgets]
+    todo = [p for p in points
+            if not res.has(dict(config_id=cid, sigma_d=p[0], method=p[1], budget=p[2]))]
+    logging.info("%d of %d points to run", len(todo), len(points))
     if todo:
-        _run_points(config, out_dir, res, base, todo)
-    rows = results.select_rows(res.rows, **base)
-    rows = [r for r in rows if r["method"] in config.methods]
-    title = (f"{config.model} / {config.dataset_label}: sigma_d={config.sigma_d}, "
-             f"sigma_wv={config.sigma_wv}, N={config.weight_bits}, m={config.device_bits}, "
-             f"{config.write_verify} write-verify, {config.mc_runs} MC runs")
-    report.plot_accuracy_vs_nwc(rows, os.path.join(out_dir, "accuracy_vs_nwc.png"), title=title)
+        _run_points(config, prep, res, base, todo)
+    rows = [r for r in results.select_rows(res.rows, config_id=cid)
+            if (r["sigma_d"], r["method"], r["budget"]) in
+            {(results._canonical(s), m, results._canonical(b)) for s, m, b in points}]
+    summaries = []
+    for s in config.sigma_d:
+        rs = results.select_rows(rows, sigma_d=s)
+        report.plot_accuracy_vs_nwc(rs, plot_path(out_dir, config, s), title=_title(config, s))
+        summaries.append(report.summary_markdown(rs, title=_title(config, s)))
     with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(report.summary_markdown(rows, title=title))
+        f.write("\n\n".join(summaries))
     return rows
 
 
-def _run_points(config: SweepConfig, out_dir: str, res: results.ResultsFile,
-                base: dict[str, Any], todo: list[tuple[str, float]]) -> None:
-    prep = prepare(config, out_dir)
+@dataclasses.dataclass(frozen=True)
+class _Point:
+    """One (sigma, method, budget) point before its Monte-Carlo evaluation."""
+
+    sigma_d: float
+    method: str
+    budget: float
+    mask: Any
+    fields: dict[str, Any]
+
+
+def _perturbations(config: SweepConfig, selected: Any) -> dict[float, perturbation.Perturbation]:
+    """The perturbation of each swept sigma: one statistical model for all
+    (the sigmas are state), or one explicit programming model per sigma (the
+    device's variation is part of the model)."""
+    if config.write_verify == "statistical":
+        pert = perturbation.statistical(config.variation_config(), selected)
+        return {s: pert for s in config.sigma_d}
+    return {s: programming.explicit(config.mapping_config(), config.device_config(s),
+                                    config.write_verify_config(s), selected)
+            for s in config.sigma_d}
+
+
+def _run_points(config: SweepConfig, prep: Prepared, res: results.ResultsFile,
+                base: dict[str, Any], todo: list[tuple[float, str, float]]) -> None:
     params = prep.variables
     apply_fn = prep.model.apply_fn
     selected = mapping.mapped_leaves(params)
     logging.info("mapped leaves:\n%s", mapping.describe_selection(params, selected))
-    sigma_u, sigma_v = perturbation.weight_sigmas(params, config.variation_config(), selected)
     batches = score_batches(prep.data, config.n_score)
     x_test, y_test = jnp.asarray(prep.data.x_test), jnp.asarray(prep.data.y_test)
+    n_mapped = _count_mapped(jax.tree.map(lambda p: np.ones(np.shape(p), bool), params),
+                             selected)
 
     root = jax.random.key(config.seed)
     k_score, k_mc, k_prog = jax.random.split(jax.random.fold_in(root, 1), 3)
-    hw = (config.mapping_config(), config.device_config(), config.write_verify_config())
-    full_cycles = (programming.cycles_full_write_verify(k_prog, params, *hw, selected).total_cycles
-                   if config.measure_cycles else None)
-
-    masked_apply, masked_perturb = masked_model(config, apply_fn, selected)
-    evaluated: dict[str, montecarlo.MCResult] = {}
-    n_mapped = sum(int(np.size(p)) for p, s in zip(jax.tree.leaves(params),
-                                                    jax.tree.leaves(selected)) if s)
-    scores: dict[str, Any] = {}
     # The quadratic model's predicted loss increase uses one curvature for all
     # methods (SWIM's Gauss-Newton diagonal), so rows are comparable.
-    curvature = _score("swim", k_score, apply_fn, params, batches)
-    scores["swim"] = curvature
-    for method, budget in todo:
+    scores: dict[str, Any] = {"swim": _score("swim", k_score, apply_fn, params, batches)}
+    points: list[_Point] = []
+    for sigma in dict.fromkeys(s for s, _, _ in todo):
         t0 = time.perf_counter()
-        if method not in scores:
-            scores[method] = _score(method, k_score, apply_fn, params, batches)
-        mask = _select(method, scores[method], budget, sigma_u, sigma_v, params, selected)
-        n_verified = sum(int(np.sum(m)) for m, s in zip(jax.tree.leaves(mask),
-                                                         jax.tree.leaves(selected)) if s)
-        nwc = n_verified / n_mapped
-        if config.measure_cycles:
-            total_cycles = programming.program_params(k_prog, params, mask, *hw,
-                                                      selected).total_cycles
-            nwc_cycles = total_cycles / full_cycles
-        else:
-            total_cycles = full_cycles = nwc_cycles = None
-        fingerprint = mask_fingerprint(mask)
-        if fingerprint not in evaluated:  # same mask, same run keys: same numbers
-            evaluated[fingerprint] = montecarlo.evaluate(
-                k_mc, masked_apply, {"params": params, "mask": mask}, masked_perturb, x_test,
-                y_test, config.mc_runs, chunk_size=config.chunk_size, progress=config.progress)
-        mc = evaluated[fingerprint]
-        s = mc.summary
-        row = dict(base, method=method, budget=budget, nwc=nwc,
-                   speedup=(1.0 / nwc if nwc > 0 else None),
-                   nwc_cycles=nwc_cycles,
-                   speedup_cycles=None if nwc_cycles is None else 1.0 / nwc_cycles,
-                   total_cycles=total_cycles, full_wv_cycles=full_cycles,
-                   n_verified=n_verified, n_mapped=n_mapped,
-                   acc_mean=s.mean, acc_std=s.std, acc_sem=s.sem, acc_p1=s.p1, acc_p5=s.p5,
-                   acc_min=s.min, acc_max=s.max, clean_acc=float(mc.clean_accuracy),
-                   loss_mean=float(np.mean(mc.loss)),
-                   predicted_loss_increase=float(selection.predicted_loss_increase(
-                       curvature, mask, sigma_u, sigma_v)),
-                   seconds=round(time.perf_counter() - t0, 3))
-        res.append(row)
-        logging.info("%-10s budget %.3f  NWC %.4f (cycles %s)  acc %.2f%% +- %.2f  p5 %.2f%%",
-                     method, budget, nwc, "-" if nwc_cycles is None else f"{nwc_cycles:.4f}",
-                     100 * s.mean, 100 * s.std, 100 * s.p5)
+        sigma_u, sigma_v = perturbation.weight_sigmas(params, config.variation_config(sigma),
+                                                      selected)
+        hw = (config.mapping_config(), config.device_config(sigma),
+              config.write_verify_config(sigma))
+        full = (programming.cycles_full_write_verify(k_prog, params, *hw, selected)
+                if config.measure_cycles else None)
+        for s, method, budget in todo:
+            if s != sigma:
+                continue
+            if method not in scores:
+                scores[method] = _score(method, k_score, apply_fn, params, batches)
+            mask = _select(method, scores[method], budget, sigma_u, sigma_v, params, selected)
+            n_verified = _count_mapped(mask, selected)
+            fields = dict(n_verified=n_verified, n_mapped=n_mapped, nwc=n_verified / n_mapped,
+                          speedup=n_mapped / n_verified if n_verified else None,
+                          predicted_loss_increase=float(selection.predicted_loss_increase(
+                              scores["swim"], mask, sigma_u, sigma_v)))
+            if full is not None:
+                prog = programming.program_params(k_prog, params, mask, *hw, selected)
+                fields.update(_cycle_fields(prog, full), wv_tolerance=hw[2].tolerance,
+                              wv_max_pulses=hw[2].max_pulses)
+            fields["select_seconds"] = round(time.perf_counter() - t0, 3)
+            t0 = time.perf_counter()
+            points.append(_Point(sigma, method, budget, mask, fields))
+    _evaluate_points(config, params, apply_fn, selected, x_test, y_test, k_mc, res, base, points)
+
+
+def _count_mapped(mask: Any, selected: Any) -> int:
+    """Set entries of ``mask`` on the mapped leaves."""
+    return sum(int(np.sum(np.asarray(m))) for m, s in zip(jax.tree.leaves(mask),
+                                                          jax.tree.leaves(selected)) if s)
+
+
+def _cycle_fields(prog: programming.ProgrammingResult, full: programming.ProgrammingResult
+                  ) -> dict[str, Any]:
+    """Write cycles of one programming pass of the point's mask, against full
+    write-verify, and how well the verified devices met their target."""
+    total = prog.total_cycles
+    return dict(total_cycles=total, full_wv_cycles=full.total_cycles,
+                nwc_cycles=total / full.total_cycles,
+                speedup_cycles=full.total_cycles / total if total else None,
+                failed_devices=int(prog.n_failed_devices),
+                verified_devices=int(prog.n_verified_devices),
+                verified_residual_std=prog.residual_std,
+                full_wv_failure_fraction=full.failure_fraction,
+                full_wv_residual_std=full.residual_std)
+
+
+def _evaluate_points(config: SweepConfig, params: Any, apply_fn: Callable, selected: Any,
+                     x_test: jax.Array, y_test: jax.Array, k_mc: jax.Array,
+                     res: results.ResultsFile, base: dict[str, Any],
+                     points: list[_Point]) -> None:
+    """Monte-Carlo of every point, one call per perturbation (all statistical
+    points together), one state per distinct (sigma, mask): points with equal
+    masks share it exactly, all use the same run keys (common random numbers).
+    A row is written as soon as its state is finished."""
+    perts = _perturbations(config, selected)
+    groups: dict[int, list[float]] = {}
+    for s in config.sigma_d:
+        groups.setdefault(id(perts[s]), []).append(s)
+    for sigmas in groups.values():
+        pert = perts[sigmas[0]]
+        states, users = [], []
+        index: dict[tuple[float, str], int] = {}
+        for p in points:
+            if p.sigma_d not in sigmas:
+                continue
+            k = (p.sigma_d, mask_fingerprint(p.mask))
+            if k not in index:
+                index[k] = len(states)
+                states.append(_state(config, pert, params, p.mask, p.sigma_d))
+                users.append([])
+            users[index[k]].append(p)
+        if not states:
+            continue
+        t0 = time.perf_counter()
+        for i, mc in montecarlo.iter_many(k_mc, apply_fn, params, pert, states, x_test, y_test,
+                                          config.mc_runs, chunk_size=config.chunk_size,
+                                          progress=config.progress):
+            seconds = round((time.perf_counter() - t0) / len(users[i]), 3)
+            for p in users[i]:
+                s = mc.summary
+                row = dict(base, method=p.method, budget=p.budget, sigma_d=p.sigma_d,
+                           **p.fields, acc_mean=s.mean, acc_std=s.std, acc_sem=s.sem,
+                           acc_p1=s.p1, acc_p5=s.p5, acc_min=s.min, acc_max=s.max,
+                           clean_acc=float(mc.clean_accuracy),
+                           loss_mean=float(np.mean(mc.loss)), mc_seconds=seconds)
+                res.append(row)
+                logging.info("sigma %.3g %-10s budget %.3f  NWC %.4f (cycles %s)  acc %.2f%% "
+                             "+- %.2f  p5 %.2f%%", p.sigma_d, p.method, p.budget, row["nwc"],
+                             "-" if row.get("nwc_cycles") is None else
+                             f"{row['nwc_cycles']:.4f}", 100 * s.mean, 100 * s.std, 100 * s.p5)
+            t0 = time.perf_counter()
+
+
+def _state(config: SweepConfig, pert: perturbation.Perturbation, params: Any, mask: Any,
+           sigma_d: float) -> Any:
+    if config.write_verify == "statistical":
+        return pert.init(params, mask, sigma_d=sigma_d)
+    return pert.init(params, mask)
+
+
+def mask_fingerprint(mask: Any) -> str:
+    """A digest of a mask's bits: points with equal masks (budget 0 and 1 of
+    every method) share one Monte-Carlo evaluation, which is exact because all
+    points use the same run keys."""
+    h = hashlib.sha256()
+    for m in jax.tree.leaves(mask):
+        h.update(np.packbits(np.asarray(m, dtype=bool)).tobytes())
+        h.update(str(np.shape(m)).encode())
+    return h.hexdigest()

@@ -293,3 +293,28 @@ def test_bad_inputs_raise():
         programming.program_params_statistical(KEY, params, good, MAP, -0.1, 0.03)
     with pytest.raises(ValueError, match="mask"):
         programming.program_params_statistical(KEY, params, bad_shape, MAP, 0.1, 0.03)
+
+
+def test_explicit_perturbation_programs_with_the_mask_as_state():
+    """programming.explicit is program_params as a Perturbation: the mask is the
+    state, so the jitted apply compiles once for every mask."""
+    params = _params()
+    dev = devices.DeviceConfig(sigma_program=0.2, sigma_pulse=0.2)
+    wvc = wv.WriteVerifyConfig(tolerance=0.05, max_pulses=30)
+    pert = programming.explicit(MAP_SB, dev, wvc)
+    apply = jax.jit(pert.apply)
+    for p in (0.0, 0.3, 1.0):
+        mask = _mask(params, p)
+        got = apply(KEY, params, pert.init(params, mask))
+        want = programming.program_params(KEY, params, mask, MAP_SB, dev, wvc).params
+        for a, b in zip(_leaves(got), _leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert apply._cache_size() == 1
+    none = pert.init(params)  # no mask: nothing verified
+    assert not any(np.any(m) for m in _leaves(none.mask))
+    with pytest.raises(ValueError, match="mask"):
+        pert.init(params, {"conv": None})
+    with pytest.raises(ValueError, match="state must be the ExplicitState"):
+        pert.apply(KEY, params, _mask(params, 0.5))
+    with pytest.raises(ValueError, match="device"):
+        programming.explicit(MAP_SB, wvc, wvc)

