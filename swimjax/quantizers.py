@@ -5,7 +5,7 @@ layer mapped onto the macro is turned into an integer code first. With the
 layer's bounds ``lo < hi`` and ``n = 2^k - 1``::
 
     step = (hi - lo) / n                                   # input units per code
-    code = round(clip((x - lo) / step, 0, n))              # integer in [0, n]
+    code = round(clip((x - lo) * (n / (hi - lo)), 0, n))   # integer in [0, n]
     x   ~= lo + step * code                                # dequantize()
 
 so the macro computes ``sum_i w_i x_i ~= lo * sum_i w_i + step * sum_i w_i code_i``
@@ -302,32 +302,39 @@ def _width(lo: jax.Array, hi: jax.Array, min_width: float) -> jax.Array:
     return jnp.maximum(hi - lo, min_width)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _codes(x: jax.Array, lo: jax.Array, hi: jax.Array, min_width: float, n: int) -> jax.Array:
-    """``round(clip((x - lo) / step, 0, n))``, ``step = _width(lo, hi) / n``; one shape.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _codes(x: jax.Array, lo: jax.Array, hi: jax.Array, width: jax.Array, scale: jax.Array,
+           n: int) -> jax.Array:
+    """``round(clip((x - lo) * scale, 0, n))``; all arrays one shape.
 
+    ``width = _width(lo, hi)`` and ``scale = n / width`` (codes per input
+    unit) are computed by the caller at the bounds' shape, so the one division
+    happens per layer (or channel) and the codes do not depend on how the
+    compiler fuses the elementwise work (a division inside a fused loop may
+    differ from a standalone one by an ulp; a product does not).
     Its VJP carries the whole gradient of ``y = lo + step * code`` (module
-    docstring): ``g / step`` to ``x`` inside ``[lo, hi)``, to ``lo`` below it,
-    to ``hi`` at or above it (``hi`` clamped to ``lo + min_width``).
+    docstring): ``g / step`` to ``x`` inside ``[lo, lo + width)``, to ``lo``
+    below it, to ``hi`` at or above it (so the clamp to ``min_width`` is
+    straight-through for ``hi``); ``width`` and ``scale`` get none (they are
+    functions of ``lo`` and ``hi``, which already have theirs).
     """
-    return _codes_fwd(x, lo, hi, min_width, n)[0]
+    return _codes_fwd(x, lo, hi, width, scale, n)[0]
 
 
-def _codes_fwd(x, lo, hi, min_width, n):
-    width = _width(lo, hi, min_width)
-    step = width / n
-    code = jnp.round(jnp.clip((x - lo) / step, 0, n))
+def _codes_fwd(x, lo, hi, width, scale, n):
+    del hi   # only its gradient slot is used
+    code = jnp.round(jnp.clip((x - lo) * scale, 0, n))
     below, above = x < lo, x >= lo + width
-    return code, (below, above, step)
+    return code, (below, above, width * (1.0 / n))
 
 
-def _codes_bwd(min_width, n, res, g):
-    del min_width, n
+def _codes_bwd(n, res, g):
+    del n
     below, above, step = res
     g = g / step
     zero = jnp.zeros_like(g)
     return (jnp.where(below | above, zero, g), jnp.where(below, g, zero),
-            jnp.where(above, g, zero))
+            jnp.where(above, g, zero), zero, zero)
 
 
 _codes.defvjp(_codes_fwd, _codes_bwd)
@@ -357,7 +364,10 @@ def quantize(x: jax.Array, bounds: Bounds, cfg: QuantizerConfig) -> QuantizedInp
       ``QuantizedInput(code, step, lo)``: ``code`` integer-valued in
       ``[0, 2^k - 1]`` with the broadcast shape of ``x`` and the bounds (dtype
       float32, or wider if ``x`` or the bounds are); ``step`` and ``lo`` with
-      the bounds' shape. ``step = max(hi - lo, min_width) / (2^k - 1)``.
+      the bounds' shape. ``step = max(hi - lo, min_width) / (2^k - 1)``,
+      computed as ``width * (1 / n)``, and the codes as
+      ``(x - lo) * (n / width)``: products on the inputs, one division per
+      bound, so jitted and eager results agree bit for bit.
       ``step`` and ``lo`` carry no gradient; through ``code``: straight-through
       for ``x`` inside ``[lo, hi)``, two-sided PACT for the bounds (module
       docstring), provided the caller uses the pieces linearly
@@ -367,10 +377,12 @@ def quantize(x: jax.Array, bounds: Bounds, cfg: QuantizerConfig) -> QuantizedInp
     lo, hi = _used_bounds(bounds, cfg)
     dtype = jnp.result_type(jnp.float32, x.dtype, lo.dtype, hi.dtype)
     x, lo, hi = x.astype(dtype), lo.astype(dtype), hi.astype(dtype)
-    shape = jnp.broadcast_shapes(x.shape, lo.shape, hi.shape)
-    code = _codes(*(jnp.broadcast_to(a, shape) for a in (x, lo, hi)), cfg.min_width,
-                  cfg.max_code)
-    step = _width(lo, hi, cfg.min_width) / cfg.max_code
+    n = cfg.max_code
+    width = _width(lo, hi, cfg.min_width)
+    scale = n / width
+    shape = jnp.broadcast_shapes(x.shape, width.shape)
+    code = _codes(*(jnp.broadcast_to(a, shape) for a in (x, lo, hi, width, scale)), n)
+    step = width * (1.0 / n)
     return QuantizedInput(code, jax.lax.stop_gradient(step), jax.lax.stop_gradient(lo))
 
 
