@@ -14,6 +14,11 @@ The core (depends on jax and numpy only):
   montecarlo     Monte-Carlo accuracy under variation (vmapped, chunked, sharded)
   sensitivity    second-order scores (swim, hutchinson, ggn, fisher, baselines)
   selection      budgeted choice of the weights to write-verify
+  quantizers     DAC input quantizers with fixed or learned bounds (PACT, E-PACT)
+  mac_error      data-driven MAC error models P(readout | ideal ADC code), sampled
+                 with a straight-through or statistical gradient (D-MAC-EM)
+  crossbar       the CiM macro's multiply-accumulate (DAC, arrays of R rows, cell
+                 slices, ADC, error model) applied to any apply_fn
 
 Around it:
   models, data, training, checkpoint   model zoo (flax), datasets, optax training,
@@ -33,15 +38,15 @@ __version__ = "0.1.0"
 #: The modules ``swimjax.<name>`` gives, imported on first attribute access.
 __all__ = [
     "mapping", "devices", "write_verify", "programming", "perturbation", "montecarlo",
-    "sensitivity", "selection",
+    "sensitivity", "selection", "quantizers", "mac_error", "crossbar",
     "models", "data", "training", "checkpoint",
     "sweep", "results", "report",
 ]
 
 if TYPE_CHECKING:  # static analysers and IDEs see the modules as attributes
-    from swimjax import (checkpoint, data, devices, mapping, models, montecarlo, perturbation,
-                         programming, report, results, selection, sensitivity, sweep, training,
-                         write_verify)
+    from swimjax import (checkpoint, crossbar, data, devices, mac_error, mapping, models,
+                         montecarlo, perturbation, programming, quantizers, report, results,
+                         selection, sensitivity, sweep, training, write_verify)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,6 +1,7 @@
-"""Shared helpers for the modules that walk jaxprs (:mod:`swimjax._obd`,
-:mod:`swimjax._runbatch`): which primitives are calls to inline, and which
-are elementwise."""
+"""The jaxpr machinery shared by the modules that interpret jaxprs
+(:mod:`swimjax._obd`, :mod:`swimjax._runbatch`, :mod:`swimjax.crossbar`): the
+environment walk (:func:`interpret`), which primitives are calls to inline,
+and which are elementwise."""
 
 from __future__ import annotations
 
@@ -77,3 +78,45 @@ def iter_eqns(jaxpr: Any):
         for value in eqn.params.values():
             for sub in sub_jaxprs(value):
                 yield from iter_eqns(sub)
+
+
+def interpret(jaxpr: Any, consts: Any, args: Any, eval_eqn: Any,
+              literal: Any = lambda value: value) -> list[Any]:
+    """Evaluates an open ``jaxpr`` on ``args`` with a per-equation rule.
+
+    The environment walk every interpreter of this package needs: constants
+    and arguments bound to their variables, literals turned into values by
+    ``literal(value)``, and every equation evaluated by ``eval_eqn(eqn,
+    in_values, inner)``, which returns the list of output values; ``inner`` is
+    ``(open jaxpr, consts)`` of an inlinable call primitive (see
+    :func:`inner_closed`), else None, so a rule inlines a call by calling
+    :func:`interpret` on it. Values are whatever the interpreter uses (arrays,
+    tracers, tape ids, wrappers).
+
+    Returns:
+      The values of ``jaxpr.outvars``.
+    """
+    env: dict[Any, Any] = {}
+
+    def read(var: Any) -> Any:
+        if isinstance(var, jcore.Literal):
+            return literal(var.val)
+        return env[var]
+
+    if len(args) != len(jaxpr.invars):
+        raise ValueError(f"jaxpr expects {len(jaxpr.invars)} inputs, got {len(args)}")
+    for var, c in zip(jaxpr.constvars, consts):
+        env[var] = c
+    for var, a in zip(jaxpr.invars, args):
+        env[var] = a
+    for eqn in jaxpr.eqns:
+        outs = eval_eqn(eqn, [read(v) for v in eqn.invars], inner_closed(eqn))
+        for var, o in zip(eqn.outvars, outs):
+            env[var] = o
+    return [read(v) for v in jaxpr.outvars]
+
+
+def bind(eqn: Any, values: Any) -> list[Any]:
+    """``eqn``'s primitive applied to ``values``, always as a list of outputs."""
+    outs = eqn.primitive.bind(*values, **eqn.params)
+    return list(outs) if eqn.primitive.multiple_results else [outs]

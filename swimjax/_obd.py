@@ -43,7 +43,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jcore
 
 from swimjax import _jaxpr
 
@@ -165,42 +164,23 @@ def _eval_primitive(eqn, invals: list[Any]) -> list[Any]:
         out = _conv_single_input_channel(*invals, eqn.params)
         if out is not None:
             return [out]
-    outs = eqn.primitive.bind(*invals, **eqn.params)
-    return list(outs) if eqn.primitive.multiple_results else [outs]
-
-
-_inner_closed = _jaxpr.inner_closed
+    return _jaxpr.bind(eqn, invals)
 
 
 def _run(tape: Tape, jaxpr, consts: Sequence[Any], arg_ids: Sequence[int]) -> list[int]:
-    env: dict[Any, int] = {}
-
-    def read(v) -> int:
-        if isinstance(v, jcore.Literal):
-            return tape.add(v.val, False)
-        return env[v]
-
-    for v, c in zip(jaxpr.constvars, consts):
-        env[v] = tape.add(c, False)
-    if len(arg_ids) != len(jaxpr.invars):
-        raise ValueError(f"jaxpr expects {len(jaxpr.invars)} inputs, got {len(arg_ids)}")
-    for v, i in zip(jaxpr.invars, arg_ids):
-        env[v] = i
-
-    for eqn in jaxpr.eqns:
-        in_ids = [read(v) for v in eqn.invars]
-        inner = _inner_closed(eqn)
+    def eval_eqn(eqn, in_ids: list[int], inner) -> list[int]:
         if inner is not None:
-            out_ids = _run(tape, inner[0], inner[1], in_ids)
-        else:
-            outs = _eval_primitive(eqn, [tape.values[i] for i in in_ids])
-            is_active = any(tape.active[i] for i in in_ids)
-            out_ids = [tape.add(o, is_active) for o in outs]
-            if is_active:
-                tape.entries.append(_Entry(eqn.primitive, dict(eqn.params), in_ids, out_ids))
-        for v, i in zip(eqn.outvars, out_ids):
-            env[v] = i
-    return [read(v) for v in jaxpr.outvars]
+            return _run(tape, inner[0], inner[1], in_ids)
+        outs = _eval_primitive(eqn, [tape.values[i] for i in in_ids])
+        is_active = any(tape.active[i] for i in in_ids)
+        out_ids = [tape.add(o, is_active) for o in outs]
+        if is_active:
+            tape.entries.append(_Entry(eqn.primitive, dict(eqn.params), in_ids, out_ids))
+        return out_ids
+
+    const_ids = [tape.add(c, False) for c in consts]
+    return _jaxpr.interpret(jaxpr, const_ids, list(arg_ids), eval_eqn,
+                            literal=lambda value: tape.add(value, False))
 
 
 def forward(closed_jaxpr, args: Sequence[Any], active: Sequence[bool]) -> tuple[Tape, list[int]]:

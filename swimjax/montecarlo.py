@@ -103,6 +103,14 @@ from swimjax import _runbatch
 from swimjax import _validation as v
 from swimjax.perturbation import Perturbation
 
+__all__ = [
+    'ApplyFn', 'DEFAULT_LOWERING', 'DEFAULT_LOWERING_ACCELERATOR', 'DEFAULT_MEMORY_BUDGET',
+    'DEFAULT_N_CHUNKS', 'DEFAULT_VMAP_SIZE', 'DEFAULT_VMAP_SIZE_ACCELERATOR', 'LOWERINGS',
+    'LossFn', 'MCResult', 'MIN_BATCH', 'PerturbFn', 'Plan', 'STEP_BYTES',
+    'STEP_BYTES_ACCELERATOR', 'Summary', 'estimate_bytes', 'evaluate', 'evaluate_many',
+    'iter_many', 'plan', 'softmax_cross_entropy', 'summarize'
+]
+
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 #: ``perturb_fn(key, params, state) -> params``: one variation instance; ``state``
 #: is the perturbation's data (mask, sigmas; any pytree, or None).

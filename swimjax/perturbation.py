@@ -67,6 +67,12 @@ from swimjax import _random
 from swimjax import _validation as v
 from swimjax import mapping
 
+__all__ = [
+    'NONUNIFORM_PRESETS', 'Normalization', 'Perturbation', 'VariationConfig', 'VariationState',
+    'gaussian', 'perturb', 'perturb_via_devices', 'statistical', 'std_factor', 'validate',
+    'weight_sigmas'
+]
+
 Normalization = Literal["levels", "swim"]
 
 #: Non-uniform variation presets of U-SWIM / NeFT: name -> factor ``f`` applied to

@@ -52,6 +52,12 @@ from swimjax import mapping
 from swimjax import write_verify as wv
 from swimjax.perturbation import Perturbation
 
+__all__ = [
+    'ExplicitState', 'ProgrammingResult', 'WeightError', 'cycles_full_write_verify',
+    'explicit', 'open_loop_weight_error', 'open_loop_weight_error_moments', 'program_params',
+    'program_params_statistical'
+]
+
 
 class ProgrammingResult(NamedTuple):
     """Programmed parameters, their cost, and the residual error of verified devices.

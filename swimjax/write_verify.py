@@ -86,6 +86,12 @@ from swimjax import _random
 from swimjax import _validation as v
 from swimjax import devices
 
+__all__ = [
+    'LoopStats', 'MAX_CONFIG_PULSES', 'Scheme', 'WriteVerifyConfig', 'WriteVerifyResult',
+    'config_for_sigma', 'explicit', 'fraction_verified', 'iteration_keys', 'naive_loop_stats',
+    'nwc', 'nwc_analytic', 'nwc_fraction', 'program_key', 'speedup', 'statistical'
+]
+
 Scheme = Literal["naive", "two_step"]
 
 # Per-device loop state is packed into one int32: ``(cycles << 2) | status``.

@@ -73,7 +73,7 @@ SWIM_CASES = {
     "sigma_nan": (["--sigma_wv=nan"], ["sigma_wv", "finite"]),
     "device_bits_above_weight_bits": (["--weight_bits=4", "--device_bits=5"],
                                       ["device_bits", "[1, 4]"]),
-    "budget_out_of_range": (["--budgets=0,2"], ["budgets", "[0.0, 1.0]", "2"]),
+    "budget_out_of_range": (["--budgets=0,2"], ["budgets", "[0, 1]", "2"]),
     "budget_not_a_number": (["--budgets=0,half"], ["--budgets", "[0, 1]", "half"]),
     "unknown_method": (["--methods=swim,oracle"], ["methods", "magnitude", "oracle"]),
     "unknown_write_verify": (["--write_verify=sometimes"],

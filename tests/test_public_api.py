@@ -17,7 +17,7 @@ import swimjax as sj
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CORE = ("mapping", "devices", "write_verify", "programming", "perturbation", "montecarlo",
-        "sensitivity", "selection")
+        "sensitivity", "selection", "quantizers", "mac_error", "crossbar")
 AROUND = ("models", "data", "training", "checkpoint", "sweep", "results", "report")
 # Binary-side dependencies that importing the package or its core must not load.
 HEAVY = ("tensorflow_datasets", "tensorflow", "matplotlib", "mlxtend", "absl", "sklearn",
