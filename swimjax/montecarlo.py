@@ -297,7 +297,8 @@ def _abstract(tree: Any) -> Any:
 
 def estimate_bytes(apply_fn: ApplyFn, params: Any, perturb_fn: PerturbFn | None, x: Any,
                    key: jax.Array | None = None,
-                   lowering: str = "gemm", state: Any = None) -> tuple[int, int]:
+                   lowering: str = "gemm", state: Any = None,
+                   forward_keys: bool = False) -> tuple[int, int]:
     """Estimated ``(bytes per run, activation bytes per example)``.
 
     Per run: the perturbed parameters plus twice the largest single value
@@ -313,7 +314,7 @@ def estimate_bytes(apply_fn: ApplyFn, params: Any, perturb_fn: PerturbFn | None,
     x_dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
     return _cached(_estimate_bytes, apply_fn, perturb_fn, _signature(params),
                    tuple(np.shape(x)[1:]), jnp.dtype(x_dtype), (np.shape(k), k.dtype), lowering,
-                   _signature(state))
+                   _signature(state), forward_keys)
 
 
 def _signature(tree: Any) -> tuple:
@@ -340,7 +341,7 @@ def _cached(fn: Any, *args: Any) -> Any:
 @functools.lru_cache(maxsize=64)
 def _estimate_bytes(apply_fn: ApplyFn, perturb_fn: PerturbFn | None, p_sig: tuple,
                     ex_shape: tuple, dtype: Any, key_sig: tuple,
-                    lowering: str, s_sig: tuple) -> tuple[int, int]:
+                    lowering: str, s_sig: tuple, forward_keys: bool) -> tuple[int, int]:
     p_abs = _from_signature(p_sig)
     param_bytes = _tree_bytes(p_abs)
     if perturb_fn is not None:
@@ -350,9 +351,15 @@ def _estimate_bytes(apply_fn: ApplyFn, perturb_fn: PerturbFn | None, p_sig: tupl
 
     p_one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape), a.dtype), p_abs)
 
+    fn, p_in = apply_fn, p_one
+    if forward_keys:
+        fn, p_in = _keyed(apply_fn), (p_one, jax.ShapeDtypeStruct((1,), key_sig[1]))
+
     def total(b: int) -> int:
         xs = jax.ShapeDtypeStruct((b, *ex_shape), dtype)
-        return _jaxpr_bytes(jax.make_jaxpr(_batched_apply(apply_fn, lowering))(p_one, xs).jaxpr)
+        if forward_keys:
+            xs = (xs, jax.ShapeDtypeStruct((b,), jnp.int32))
+        return _jaxpr_bytes(jax.make_jaxpr(_batched_apply(fn, lowering))(p_in, xs).jaxpr)
 
     t1, t2 = total(1), total(2)
     per_example = t2 - t1 if t2 > t1 else t1
@@ -369,7 +376,8 @@ def plan(apply_fn: ApplyFn, params: Any, perturb_fn: Perturbation | PerturbFn | 
          chunk_size: int | None = None, batch_size: int | None = None,
          vmap_size: int | None = None, memory_budget: int | None = None,
          devices: list | None = None, key: jax.Array | None = None,
-         lowering: str | None = None, state: Any = None, n_states: int = 1) -> Plan:
+         lowering: str | None = None, state: Any = None, n_states: int = 1,
+         forward_keys: bool = False) -> Plan:
     """The layout :func:`evaluate_many` uses (defaults resolved); see :class:`Plan`.
 
     ``state`` is one perturbation state (for the memory estimate) and
@@ -410,7 +418,7 @@ def plan(apply_fn: ApplyFn, params: Any, perturb_fn: Perturbation | PerturbFn | 
             state = perturb_fn.init(params)
         perturb_fn = _resolve_perturbation(perturb_fn)
     param_bytes, act_bytes = estimate_bytes(apply_fn, params, perturb_fn, x, key, lowering,
-                                            state)
+                                            state, forward_keys)
     state_bytes = _tree_bytes(state)
     # the stacked states of one call are replicated on every device: at most a
     # quarter of the budget, at least one state
@@ -478,7 +486,8 @@ def _block_groups(n_states: int, states_per_call: int, run_groups: int
 # Validation
 # ----------------------------------------------------------------------------
 
-def _check_data(apply_fn: ApplyFn, params: Any, x: Any, y: Any) -> None:
+def _check_data(apply_fn: ApplyFn, params: Any, x: Any, y: Any,
+                forward_keys: bool = False) -> None:
     if np.ndim(x) < 1:
         raise ValueError(f"x must be an array (n, ...) of examples, got shape {np.shape(x)}")
     if np.ndim(y) != 1:
@@ -493,7 +502,11 @@ def _check_data(apply_fn: ApplyFn, params: Any, x: Any, y: Any) -> None:
         raise ValueError(f"y must hold integer class labels, got dtype {y_np.dtype}")
     v.check_finite_tree("params", params)
     example = jax.ShapeDtypeStruct((1, *np.shape(x)[1:]), jnp.asarray(x[:1]).dtype)
-    out = jax.eval_shape(apply_fn, _abstract(params), example)
+    if forward_keys:
+        k = jax.random.split(jax.random.key(0), 1)
+        out = jax.eval_shape(apply_fn, _abstract(params), example, k)
+    else:
+        out = jax.eval_shape(apply_fn, _abstract(params), example)
     if len(out.shape) != 2 or out.shape[0] != 1:
         raise ValueError(f"apply_fn must return logits (n, C), got shape {out.shape} for n=1")
     n_classes = out.shape[-1]
@@ -513,6 +526,25 @@ def _batched_apply(apply_fn: ApplyFn, lowering: str) -> Callable[[Any, jax.Array
     return jax.vmap(apply_fn, in_axes=(0, None))
 
 
+#: Stream of a run's key that seeds its forward pass (``forward_keys=True``).
+FORWARD_STREAM = 0x46575244
+
+
+@functools.lru_cache(maxsize=32)
+def _keyed(apply_fn: Callable[[Any, jax.Array, jax.Array], jax.Array]) -> ApplyFn:
+    """``apply_fn(params, x, keys)`` as ``fn((params, run_key), (x, idx))``:
+    example ``i`` of a run gets ``fold_in(fold_in(run_key, FORWARD_STREAM), i)``,
+    whatever the batch it is evaluated in. Cached, so the same ``apply_fn``
+    gives the same function (and the same compiled program)."""
+
+    def fn(pk: Any, xi: Any) -> jax.Array:
+        (params, run_key), (x, idx) = pk, xi
+        base = jax.random.fold_in(run_key, FORWARD_STREAM)
+        return apply_fn(params, x, jax.vmap(jax.random.fold_in, (None, 0))(base, idx))
+
+    return fn
+
+
 def _group_metrics(apply_r: Callable, loss_fn: LossFn, params_r: Any, xb: jax.Array,
                    yb: jax.Array, mb: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-run (correct count int32, summed loss float32), each ``(R,)``, of a
@@ -525,26 +557,26 @@ def _group_metrics(apply_r: Callable, loss_fn: LossFn, params_r: Any, xb: jax.Ar
     per_run_loss = jax.vmap(loss_fn, in_axes=(0, None))
 
     def step(carry, batch):
-        x, y, m = batch
+        x, y, m = batch  # x: the inputs, or (inputs, example indices) with forward keys
         logits = apply_r(params_r, x)
         correct = jnp.sum((jnp.argmax(logits, axis=-1) == y) & m, axis=-1, dtype=jnp.int32)
         loss = jnp.sum(jnp.where(m, per_run_loss(logits, y).astype(jnp.float32), 0.0), axis=-1)
         return (carry[0] + correct, carry[1] + loss), None
 
-    w = jax.tree.leaves(params_r)[0].shape[0]
+    w = np.shape(jax.tree.leaves(params_r)[0])[0]
     init = (jnp.zeros((w,), jnp.int32), jnp.zeros((w,), jnp.float32))
     (correct, loss), _ = lax.scan(step, init, (xb, yb, mb))
     return correct, loss
 
 
 def _device_fn(apply_fn: ApplyFn, perturb_fn: PerturbFn, loss_fn: LossFn, vmap_size: int,
-               lowering: str):
+               lowering: str, forward_keys: bool = False):
     """Per-device body: loop over this device's groups of ``vmap_size`` runs.
 
     Every group runs the same vmapped body: draw ``vmap_size`` perturbed
     parameter sets from the group's keys and its state (``states[sidx]``, a
     dynamic index into the stacked states), then the batches."""
-    apply_r = _batched_apply(apply_fn, lowering)
+    apply_r = _batched_apply(_keyed(apply_fn) if forward_keys else apply_fn, lowering)
     perturb_r = jax.vmap(perturb_fn, in_axes=(0, None, None))
 
     def group_fn(keys, clean, state, params, xb, yb, mb):
@@ -552,6 +584,8 @@ def _device_fn(apply_fn: ApplyFn, perturb_fn: PerturbFn, loss_fn: LossFn, vmap_s
         q = jax.tree.map(
             lambda p, n: jnp.where(clean.reshape((-1,) + (1,) * (n.ndim - 1)),
                                    jnp.asarray(p).astype(n.dtype), n), params, noisy)
+        if forward_keys:
+            q = (q, keys)
         return _group_metrics(apply_r, loss_fn, q, xb, yb, mb)
 
     def body(keys, clean, sidx, n_groups, params, states, xb, yb, mb):
@@ -574,12 +608,13 @@ def _device_fn(apply_fn: ApplyFn, perturb_fn: PerturbFn, loss_fn: LossFn, vmap_s
 
 @functools.lru_cache(maxsize=32)
 def _chunk_fn(apply_fn: ApplyFn, perturb_fn: PerturbFn, loss_fn: LossFn, vmap_size: int,
-              lowering: str, devices: tuple) -> tuple[Callable, Mesh]:
+              lowering: str, devices: tuple, forward_keys: bool = False
+              ) -> tuple[Callable, Mesh]:
     """The jitted, sharded chunk program (cached, so repeated evaluations of the
     same functions compile once, whatever the masks and sigmas in the states)."""
     mesh = Mesh(np.array(devices), (_AXIS,))
     fn = jax.jit(jax.shard_map(
-        _device_fn(apply_fn, perturb_fn, loss_fn, vmap_size, lowering), mesh=mesh,
+        _device_fn(apply_fn, perturb_fn, loss_fn, vmap_size, lowering, forward_keys), mesh=mesh,
         in_specs=(PartitionSpec(_AXIS),) * 4 + (PartitionSpec(),) * 5,
         out_specs=(PartitionSpec(_AXIS), PartitionSpec(_AXIS)), check_vma=False))
     return fn, mesh
@@ -638,7 +673,8 @@ def evaluate(key: jax.Array, apply_fn: ApplyFn, params: Any,
              state: Any = None, chunk_size: int | None = None,
              batch_size: int | None = None, loss_fn: LossFn | None = None,
              vmap_size: int | None = None, memory_budget: int | None = None,
-             progress: bool | None = None, lowering: str | None = None) -> MCResult:
+             progress: bool | None = None, lowering: str | None = None,
+             forward_keys: bool = False) -> MCResult:
     """Monte-Carlo accuracy and loss of ``apply_fn`` under one perturbation state.
 
     Args:
@@ -672,6 +708,13 @@ def evaluate(key: jax.Array, apply_fn: ApplyFn, params: Any,
         ``"vmap"`` (``jax.vmap(apply_fn)``); default per backend
         (:data:`DEFAULT_LOWERING`: ``"gemm"`` on CPU). Changes results at
         float rounding only.
+      forward_keys: the forward pass itself is stochastic (e.g. a macro's
+        error model, :mod:`swimjax.crossbar`): ``apply_fn(params, x, keys)``
+        gets one PRNG key per example, ``keys[j] = fold_in(fold_in(run_key,
+        FORWARD_STREAM), i)`` for example ``i`` of the dataset, so the draws
+        depend on the run and the example only (not on batching, chunking or
+        devices). The clean group then means unperturbed parameters (its
+        forward pass still draws).
 
     Returns:
       :class:`MCResult`.
@@ -687,7 +730,7 @@ def evaluate(key: jax.Array, apply_fn: ApplyFn, params: Any,
     return evaluate_many(key, apply_fn, params, perturbation, [state], x, y, n_runs,
                          chunk_size=chunk_size, batch_size=batch_size, loss_fn=loss_fn,
                          vmap_size=vmap_size, memory_budget=memory_budget, progress=progress,
-                         lowering=lowering)[0]
+                         lowering=lowering, forward_keys=forward_keys)[0]
 
 
 def evaluate_many(key: jax.Array, apply_fn: ApplyFn, params: Any,
@@ -719,7 +762,8 @@ def iter_many(key: jax.Array, apply_fn: ApplyFn, params: Any,
               n_runs: int, *, chunk_size: int | None = None, batch_size: int | None = None,
               loss_fn: LossFn | None = None, vmap_size: int | None = None,
               memory_budget: int | None = None, progress: bool | None = None,
-              lowering: str | None = None) -> Iterator[tuple[int, MCResult]]:
+              lowering: str | None = None, forward_keys: bool = False
+              ) -> Iterator[tuple[int, MCResult]]:
     """:func:`evaluate_many` as a generator: yields ``(state_index, MCResult)``
     as soon as each state's runs are finished (states finish in order), so a
     caller can write every result down before the next one is computed."""
@@ -729,13 +773,13 @@ def iter_many(key: jax.Array, apply_fn: ApplyFn, params: Any,
     fn = _resolve_perturbation(perturbation)
     states = list(states)
     stacked = _stack_states(states)
-    _check_data(apply_fn, params, x, y)
+    _check_data(apply_fn, params, x, y, forward_keys)
     loss_fn = loss_fn or softmax_cross_entropy
     devices = jax.local_devices()
     pl = plan(apply_fn, params, fn, x, n_runs, chunk_size=chunk_size,
               batch_size=batch_size, vmap_size=vmap_size, memory_budget=memory_budget,
               devices=devices, key=key, lowering=lowering, state=states[0],
-              n_states=len(states))
+              n_states=len(states), forward_keys=forward_keys)
     n = int(np.shape(y)[0])
     w, n_dev = pl.vmap_size, pl.n_devices
     gpc, g_comp = pl.groups_per_chunk, pl.compiled_groups
@@ -743,10 +787,13 @@ def iter_many(key: jax.Array, apply_fn: ApplyFn, params: Any,
     valid_per_dev = gpc // n_dev
     n_states, per_call = len(states), pl.states_per_call
 
-    chunk_fn, mesh = _cached(_chunk_fn, apply_fn, fn, loss_fn, w, pl.lowering, tuple(devices))
+    chunk_fn, mesh = _cached(_chunk_fn, apply_fn, fn, loss_fn, w, pl.lowering, tuple(devices),
+                             forward_keys)
     runs = NamedSharding(mesh, PartitionSpec(_AXIS))
     replicated = NamedSharding(mesh, PartitionSpec())
     xb, yb, mb = _batches(jnp.asarray(x), jnp.asarray(y), pl.batch_size)
+    if forward_keys:  # the example indices travel with the inputs
+        xb = (xb, jnp.arange(mb.size, dtype=jnp.int32).reshape(mb.shape))
     params_r, xb, yb, mb = jax.device_put((params, xb, yb, mb), replicated)
     run_keys = jax.random.split(key, n_runs)
     # Device d of a call takes groups [d*gpc/n_dev, (d+1)*gpc/n_dev) of the chunk,

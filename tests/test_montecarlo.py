@@ -383,3 +383,34 @@ def test_perturbation_and_states_checked(problem):
     with pytest.raises(ValueError, match=r"states\[1\] must have dtype"):
         mc.evaluate_many(k, apply_fn, params, gaussian_perturb,
                          [jnp.float32(0.1), jnp.int32(1)], x, y, 2)
+
+
+# ---------------------------------------------------------------------------
+# Stochastic forward passes: one key per example
+# ---------------------------------------------------------------------------
+
+def noisy_apply(params, x, keys):
+    """The tiny CNN with logit noise drawn from each example's own key."""
+    noise = jax.vmap(lambda k: jax.random.normal(k, (10,)))(keys)
+    return apply_fn(params, x) + 0.7 * noise
+
+
+def test_forward_keys_are_per_example_and_match_a_loop(problem):
+    params, x, y = problem
+    key = jax.random.key(11)
+    kw = dict(forward_keys=True, progress=False, lowering="vmap")
+    res = mc.evaluate(key, noisy_apply, params, identity_perturb, x, y, 6, batch_size=16,
+                      **kw)
+    other = mc.evaluate(key, noisy_apply, params, identity_perturb, x, y, 6, batch_size=32,
+                        chunk_size=2, **kw)
+    np.testing.assert_array_equal(res.accuracy, other.accuracy)  # batching does not matter
+    f = jax.jit(noisy_apply)
+    for i, k in enumerate(jax.random.split(key, 6)):
+        base = jax.random.fold_in(k, mc.FORWARD_STREAM)
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(base, jnp.arange(N_EX))
+        acc = float(np.mean(np.asarray(jnp.argmax(f(params, x, keys), -1)) == np.asarray(y)))
+        assert res.accuracy[i] == acc
+    assert len(np.unique(res.accuracy)) > 1  # the forward noise matters
+    gemm = mc.evaluate(key, noisy_apply, params, identity_perturb, x, y, 6,
+                       forward_keys=True, progress=False, lowering="gemm", batch_size=16)
+    np.testing.assert_array_equal(gemm.accuracy, res.accuracy)
