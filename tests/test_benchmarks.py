@@ -41,3 +41,15 @@ def test_write_verify_benchmark_runs(tmp_path):
     assert res["devices"] == 20000
     for key in ("iterations", "seconds_per_iteration", "iteration_over_elementwise"):
         assert res[key] > 0, key
+
+
+@pytest.mark.slow
+def test_training_benchmark_runs(tmp_path):
+    res = _run("benchmarks.training", tmp_path, "--lenet_epochs=2", "--n_train=256",
+               "--batch_size=64", "--convnet_steps=0", "--resnet_steps=1", "--gemm_n=256")
+    for key in ("gemm_gflops", "lenet_speedup", "resnet20_speedup"):
+        assert math.isfinite(res[key]) and res[key] > 0, key
+    for key in ("lenet_gemm", "lenet_xla"):
+        assert res[key]["epoch_s"] > 0 and 0 < res[key]["gemm_fraction"]
+        assert 0 <= res[key]["test_acc"] <= 1
+    assert res["resnet20_gemm"]["flops_per_step"] > 0

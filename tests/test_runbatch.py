@@ -206,3 +206,74 @@ def test_params_without_a_common_run_axis_raise():
         fn({"a": jnp.ones(())}, jnp.ones(()))
     with pytest.raises(ValueError, match="at least one"):
         fn({}, jnp.ones(()))
+
+
+# ----------------------------------------------------------------------------
+# The single-run case (training): values and gradients equal the original's.
+# ----------------------------------------------------------------------------
+
+GRAD_CASES = {
+    "same_nhwc": dict(window_strides=(1, 1), padding="SAME"),
+    "valid_stride2": dict(window_strides=(2, 2), padding="VALID"),
+    "explicit_dilated": dict(window_strides=(1, 2), padding=((2, 0), (1, 3)),
+                             rhs_dilation=(2, 1)),
+    "nchw_same": dict(window_strides=(2, 1), padding="SAME",
+                      dimension_numbers=("NCHW", "OIHW", "NCHW")),
+    "groups": dict(window_strides=(1, 1), padding="SAME", feature_group_count=3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRAD_CASES))
+def test_lowered_conv_and_pool_gradients_match_xla(case):
+    from swimjax._runbatch import lowered
+    kw = dict(GRAD_CASES[case])
+    dn = kw.setdefault("dimension_numbers", DN)
+    nchw = dn[0] == "NCHW"
+    groups = kw.get("feature_group_count", 1)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 9, 8) if nchw else (2, 9, 8, 6))
+    w_shape = (4, 6 // groups, 3, 3) if nchw else (3, 3, 6 // groups, 6)
+    params = {"w": 0.3 * jax.random.normal(jax.random.key(1), w_shape),
+              "s": jnp.float32(1.5)}
+
+    def fn(p, x):
+        y = lax.conv_general_dilated(x * p["s"], p["w"], **kw)
+        y = jax.nn.relu(y + 0.1)
+        win = (1, 1, 2, 2) if nchw else (1, 2, 2, 1)
+        y = lax.reduce_window(y, -jnp.inf, lax.max, win, win, "SAME")
+        return lax.reduce_window(y, 0.0, lax.add, (1, 1, 1, 1), (1, 1, 1, 1), "VALID")
+
+    def loss(f):
+        return lambda p, x: jnp.sum(f(p, x) ** 2)
+
+    ref_v, ref_g = jax.jit(jax.value_and_grad(loss(fn)))(params, x)
+    out_v, out_g = jax.jit(jax.value_and_grad(loss(lowered(fn))))(params, x)
+    np.testing.assert_allclose(out_v, ref_v, rtol=1e-5)
+    jax.tree.map(lambda o, r: np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-4),
+                 out_g, ref_g)
+
+
+def test_lowered_pool_gradient_routes_ties_to_the_first_maximum():
+    from swimjax._runbatch import lowered
+    x = jnp.array([[1.0, 3.0, 3.0, 0.0], [2.0, 3.0, 0.0, 0.0]])[None, :, :, None]
+
+    def fn(p, x):
+        return lax.reduce_window(x * p, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+    grad = lambda f: jax.grad(lambda x: jnp.sum(f(jnp.float32(1.0), x)))(x)  # noqa: E731
+    np.testing.assert_array_equal(grad(lowered(fn)), grad(fn))
+
+
+def test_lowered_keeps_deep_convolutions_when_asked():
+    from swimjax._runbatch import lowered
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    p = {"a": jax.random.normal(jax.random.key(1), (3, 3, 3, 8)),
+         "b": jax.random.normal(jax.random.key(2), (3, 3, 8, 8))}
+
+    def fn(p, x):
+        y = lax.conv_general_dilated(x, p["a"], (1, 1), "SAME", dimension_numbers=DN)
+        return lax.conv_general_dilated(y, p["b"], (1, 1), "SAME", dimension_numbers=DN)
+
+    prims = lambda f: {e.primitive.name for e in jax.make_jaxpr(f)(p, x).eqns}  # noqa: E731
+    assert "conv_general_dilated" not in prims(lowered(fn))
+    assert "conv_general_dilated" in prims(lowered(fn, max_gemm_k=27))
+    np.testing.assert_allclose(lowered(fn, max_gemm_k=27)(p, x), fn(p, x), rtol=1e-4, atol=1e-4)

