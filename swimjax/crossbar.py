@@ -69,8 +69,8 @@ from swimjax import _validation as v
 from swimjax import mac_error, mapping, quantizers
 
 __all__ = [
-    "MacroConfig", "PRESETS", "preset", "Layer", "layers", "init_bounds", "transform",
-    "macro_matmul", "DEFAULT",
+    "MacroConfig", "PRESETS", "preset", "Layer", "layers", "init_bounds", "calibrate_bounds",
+    "transform", "macro_matmul", "MacroApply", "DEFAULT",
 ]
 
 Array = jax.Array
@@ -499,6 +499,28 @@ def _select(all_layers: Sequence[Layer], pattern: str | None) -> tuple[str, ...]
         raise ValueError(f"layers pattern {pattern!r} matches no kernel; the model's are "
                          f"{[layer.path for layer in all_layers]}")
     return chosen
+
+
+def calibrate_bounds(apply_fn: Callable, params: Any, x: Any, paths: Sequence[str],
+                     qcfg: quantizers.QuantizerConfig, **calibrate_kw: Any
+                     ) -> dict[str, quantizers.Bounds]:
+    """DAC bounds ``{path: Bounds}`` calibrated on the inputs each macro layer
+    sees when ``apply_fn(params, x)`` runs in floating point
+    (:func:`swimjax.quantizers.calibrate` with ``calibrate_kw``, e.g.
+    ``percentile=99.9``); a better start than fixed inits for training."""
+    seen: dict[str, Any] = {}
+    wanted = frozenset(paths)
+
+    def record(eqn, vals, path, ki):
+        if path in wanted:
+            seen[path] = np.asarray(_matrices(eqn, vals, ki)[0])
+        return None
+
+    _interpret(apply_fn, params, x, record)
+    missing = [p for p in paths if p not in seen]
+    if missing:
+        raise ValueError(f"paths {missing} are not kernel matrix products of apply_fn")
+    return {p: quantizers.calibrate(qcfg, seen[p], **calibrate_kw) for p in paths}
 
 
 def init_bounds(paths: Sequence[str], qcfg: quantizers.QuantizerConfig

@@ -217,3 +217,14 @@ def test_bad_transform_arguments(problem):
     with pytest.raises(ValueError, match="preset"):
         cb.preset("sram9000")
     assert cb.preset("dnat").rows == 64 and cb.preset("dnat").adc_bits == 7
+
+
+def test_calibrated_bounds_follow_each_layers_inputs(problem):
+    p, x = problem
+    paths = ("c1", "c2", "d")
+    qc = qz.QuantizerConfig(kind="epact", bits=4, hi_init=1.0)
+    b = cb.calibrate_bounds(apply_fn, p, x, paths, qc, method="max")
+    assert float(b["c1"].hi) == pytest.approx(float(jnp.max(x)), rel=1e-6)  # the raw input
+    assert all(float(b[k].lo) == 0.0 and float(b[k].hi) > 0 for k in paths)
+    with pytest.raises(ValueError, match="not kernel matrix products"):
+        cb.calibrate_bounds(apply_fn, p, x, ("zz",), qc)

@@ -1,0 +1,359 @@
+"""D-NAT: non-ideality aware training for a CiM macro, and its evaluation
+(Lin et al., "D-NAT: Data-Driven Non-Ideality Aware Training Framework for
+Fabricated Computing-In-Memory Macros", IEEE JETCAS 12(2), 2022).
+
+``run_dnat(config, out_dir)`` takes a floating-point model (trained or loaded
+as the SWIM sweep does, :func:`swimjax.sweep.prepare`), maps its middle layers
+onto a macro (:mod:`swimjax.crossbar`: DAC, arrays of ``R`` rows, cell slices,
+ADC) and compares, under a data-driven MAC error model
+(:mod:`swimjax.mac_error`), models trained in four ways:
+
+* ``float`` — the floating-point model as it is (the "conventionally trained
+  model" put on the chip), DAC bounds calibrated on its activations;
+* ``qat`` — fine-tuned with the ideal macro (DAC, weight and ADC quantization,
+  no error model): the quantization-aware upper bound;
+* ``anat`` — fine-tuned with the Gaussian error model of the same mean and
+  variance per code (A-MAC-EM, :func:`swimjax.mac_error.gaussian_like`);
+* ``dnat`` — fine-tuned with the error model itself in the forward pass, a
+  straight-through or statistical gradient, and fixed / PACT / E-PACT bounds.
+
+Every model is evaluated on the ideal macro (``clean_acc``, deterministic) and
+by Monte-Carlo under the error model (one draw of every partial sum's readout
+per run and example: :func:`swimjax.montecarlo.evaluate` with per-example
+forward keys). ``out_dir`` gets ``results.jsonl`` (one row per (training,
+gradient, quantizer, error model) point; resumable; rows of another
+configuration are never mixed in), ``accuracy.png`` and ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from swimjax import __version__ as swimjax_version
+from swimjax import _validation as v
+from swimjax import (crossbar, data as data_lib, mac_error, models, montecarlo, quantizers,
+                     report, results, sweep, training)
+
+__all__ = ["DnatConfig", "Point", "points", "MacroModel", "run_dnat", "KEY_FIELDS",
+           "TRAININGS", "GRADIENTS", "error_model_for"]
+
+TRAININGS = ("float", "qat", "anat", "dnat")
+GRADIENTS = ("statistical", "ste")
+KEY_FIELDS = ("config_id", "training", "gradient", "quantizer", "error_model")
+NON_IDENTITY_FIELDS = ("trainings", "gradients", "quantizers", "progress")
+
+
+@dataclasses.dataclass(frozen=True)
+class DnatConfig:
+    """One D-NAT experiment (every field is a flag of ``experiments/dnat.py``).
+
+    Attributes:
+      model, dataset, data_dir, checkpoint, seed, float_epochs, n_train, n_test:
+        the floating-point model and its data, as in
+        :class:`swimjax.sweep.SweepConfig` (``float_epochs`` is its
+        ``train_epochs``).
+      macro: a :data:`swimjax.crossbar.PRESETS` name.
+      rows, dac_bits, adc_bits, weight_bits, adc_range: overrides of the
+        preset's values (None: the preset's).
+      error_model: a :data:`swimjax.mac_error.PRESETS` name (a synthetic
+        table, drawn from ``seed``) or a table file (``.npz``/``.csv``, see
+        :func:`swimjax.mac_error.load`) with the ADC's ``2^b`` codes.
+      layers: the macro layers (:func:`swimjax.crossbar.transform`).
+      trainings: which of :data:`TRAININGS` to run.
+      gradients: the error model's gradients tried by ``dnat``.
+      quantizers: DAC bound kinds (``"epact"``, ``"pact"``, ``"fixed"``); the
+        first is used by ``qat`` and ``anat`` and with every gradient of
+        ``dnat``, the others with ``dnat``'s first gradient.
+      epochs: fine-tuning epochs of ``qat``, ``anat`` and ``dnat``.
+      learning_rate: Adam's learning rate for fine-tuning (weights and bounds).
+      batch_size: fine-tuning batch size.
+      mc_runs: Monte-Carlo runs under the error model (>= 1).
+      progress: show progress bars.
+    """
+
+    model: str = "lenet"
+    dataset: str = data_lib.DEFAULT_DATASET
+    data_dir: str | None = None
+    checkpoint: str | None = None
+    seed: int = 0
+    float_epochs: int | None = None
+    n_train: int | None = None
+    n_test: int | None = None
+    macro: str = "dnat"
+    rows: int | None = None
+    dac_bits: int | None = None
+    adc_bits: int | None = None
+    weight_bits: int | None = None
+    adc_range: float | None = None
+    error_model: str = "severe"
+    layers: str = crossbar.DEFAULT
+    trainings: tuple[str, ...] = TRAININGS
+    gradients: tuple[str, ...] = GRADIENTS
+    quantizers: tuple[str, ...] = ("epact", "pact", "fixed")
+    epochs: int = 3
+    learning_rate: float = 1e-3
+    batch_size: int = 128
+    mc_runs: int = 20
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        v.check_choice("model", self.model, models.available_models())
+        v.check_choice("macro", self.macro, tuple(crossbar.PRESETS))
+        for name in ("trainings", "gradients", "quantizers"):
+            values = tuple(dict.fromkeys(getattr(self, name)))
+            if not values:
+                raise ValueError(f"{name} must name at least one value")
+            allowed = {"trainings": TRAININGS, "gradients": GRADIENTS,
+                       "quantizers": quantizers.KINDS}[name]
+            for x in values:
+                v.check_choice(name, x, allowed)
+            object.__setattr__(self, name, values)
+        if not (self.error_model in mac_error.PRESETS
+                or self.error_model.endswith((".npz", ".csv"))):
+            raise ValueError(f"error_model must be one of {sorted(mac_error.PRESETS)} or a "
+                             f".npz/.csv table file, got {self.error_model!r}")
+        v.check_int("epochs", self.epochs, 1, None)
+        v.check_positive("learning_rate", self.learning_rate)
+        v.check_int("batch_size", self.batch_size, 1, None)
+        v.check_int("mc_runs", self.mc_runs, 1, None)
+        v.check_int("seed", self.seed, 0, None)
+        for name in ("float_epochs", "n_train", "n_test"):
+            if getattr(self, name) is not None:
+                v.check_int(name, getattr(self, name), 1, None)
+        self.macro_config()  # validates the overrides
+
+    def macro_config(self) -> crossbar.MacroConfig:
+        """The preset with this config's overrides."""
+        names = ("rows", "dac_bits", "adc_bits", "weight_bits", "adc_range")
+        over = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        cfg = crossbar.preset(self.macro)
+        if "weight_bits" in over and cfg.cell_bits > over["weight_bits"]:
+            over["cell_bits"] = over["weight_bits"]
+        return dataclasses.replace(cfg, **over)
+
+    def sweep_config(self) -> sweep.SweepConfig:
+        """The floating-point model's settings, for :func:`swimjax.sweep.prepare`."""
+        return sweep.SweepConfig(model=self.model, dataset=self.dataset,
+                                 data_dir=self.data_dir, checkpoint=self.checkpoint,
+                                 seed=self.seed, train_epochs=self.float_epochs,
+                                 n_train=self.n_train, n_test=self.n_test,
+                                 measure_cycles=False, progress=self.progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One trained model: how it was trained."""
+
+    training: str
+    gradient: str
+    quantizer: str
+
+
+def points(config: DnatConfig) -> list[Point]:
+    """The (training, gradient, quantizer) points of ``config``, in run order."""
+    q0 = config.quantizers[0]
+    out: list[Point] = []
+    for t in config.trainings:
+        if t == "float":
+            out.append(Point("float", "-", "fixed"))
+        elif t == "qat":
+            out.append(Point("qat", "-", q0))
+        elif t == "anat":
+            out.append(Point("anat", config.gradients[0], q0))
+        else:
+            out += [Point("dnat", g, q0) for g in config.gradients]
+            out += [Point("dnat", config.gradients[0], q) for q in config.quantizers[1:]]
+    return out
+
+
+def error_model_for(config: DnatConfig) -> mac_error.ErrorModel:
+    """The evaluation error model: a synthetic preset drawn from the seed, or
+    a table file, with the ADC's ``2^b`` codes."""
+    n_codes = config.macro_config().n_codes
+    if n_codes is None:
+        raise ValueError("the macro needs an ADC (adc_bits) to carry an error model")
+    if config.error_model in mac_error.PRESETS:
+        key = jax.random.fold_in(jax.random.key(config.seed), 7)
+        return mac_error.synthetic(key, n_codes, config.error_model)
+    return mac_error.load(config.error_model, n_codes=n_codes)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MacroModel:
+    """A zoo model whose macro layers run on the macro, in the shape
+    :func:`swimjax.training.train` trains: variables ``{"params": {"net":
+    ..., "bounds": ...}, **state}``; ``train_apply(variables, x, key)`` draws
+    the error model with one key per example (``stochastic``)."""
+
+    base: models.Model
+    start: Any
+    train_macro: crossbar.MacroApply
+    eval_macro: crossbar.MacroApply
+    stochastic: bool
+
+    @property
+    def name(self) -> str:
+        return self.base.name
+
+    @property
+    def num_classes(self) -> int:
+        return self.base.num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.base.input_shape
+
+    def init(self, key: jax.Array, x: jax.Array | None = None) -> Any:
+        """The starting variables (fine-tuning starts from them, not from ``key``)."""
+        del key, x
+        return self.start
+
+    @staticmethod
+    def split(variables: Any) -> tuple[Any, Any]:
+        """``(net variables, bounds)``."""
+        net = {"params": variables["params"]["net"],
+               **{k: val for k, val in variables.items() if k != "params"}}
+        return net, variables["params"]["bounds"]
+
+    def train_apply(self, variables: Any, x: jax.Array, key: jax.Array | None = None
+                    ) -> tuple[jax.Array, Any]:
+        net, bounds = self.split(variables)
+        keys = None
+        if self.stochastic:
+            keys = jax.random.split(key if key is not None else jax.random.key(0), x.shape[0])
+        return self.train_macro.fn(net, bounds, x, keys)
+
+    def apply_fn(self, variables: Any, x: jax.Array) -> jax.Array:
+        """Inference on the ideal macro (no error model: deterministic)."""
+        net, bounds = self.split(variables)
+        return self.eval_macro.fn(net, bounds, x)
+
+
+def _identity(key: jax.Array, params: Any, state: Any) -> Any:
+    del key, state
+    return params
+
+
+def _noisy_apply(macro: crossbar.MacroApply) -> Callable:
+    def apply(variables: Any, x: jax.Array, keys: jax.Array) -> jax.Array:
+        net, bounds = MacroModel.split(variables)
+        return macro.fn(net, bounds, x, keys)
+    return apply
+
+
+def identity(config: DnatConfig, prep: sweep.Prepared) -> dict[str, Any]:
+    """Every setting a row depends on (see :func:`swimjax.sweep.identity`), with
+    the macro's resolved values and the error model's digest."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+              if f.name not in NON_IDENTITY_FIELDS + ("checkpoint", "data_dir")}
+    fields["dataset"] = sweep.SweepConfig(dataset=config.dataset).dataset_label
+    fields["macro_config"] = dataclasses.asdict(config.macro_config())
+    em = error_model_for(config)
+    fields.update(weights_sha256=prep.weights_sha256,
+                  error_model_sha256=hashlib.sha256(np.asarray(em.table).tobytes()).hexdigest(),
+                  test_data_sha256=sweep.identity(config.sweep_config(), prep)["test_data_sha256"],
+                  swimjax_version=swimjax_version)
+    return json.loads(json.dumps(fields, sort_keys=True, default=str))
+
+
+def run_dnat(config: DnatConfig, out_dir: str) -> list[dict[str, Any]]:
+    """Runs (or resumes) the experiment; returns this configuration's rows."""
+    os.makedirs(out_dir, exist_ok=True)
+    res = results.ResultsFile(os.path.join(out_dir, "results.jsonl"), KEY_FIELDS)
+    prep = sweep.prepare(config.sweep_config(), out_dir)
+    ident = identity(config, prep)
+    cid = sweep.config_id(ident)
+    base = dict(ident, config_id=cid, error_model=os.path.basename(config.error_model),
+                macro=config.macro)
+    others = [r for r in res.rows if r.get("config_id") != cid]
+    if others:
+        logging.warning("%d rows of %s come from another configuration and are left out of "
+                        "this run's summary", len(others), res.path)
+    todo = [p for p in points(config)
+            if not res.has(dict(base, training=p.training, gradient=p.gradient,
+                                quantizer=p.quantizer))]
+    logging.info("%d of %d D-NAT points to run", len(todo), len(points(config)))
+    if todo:
+        _run_points(config, prep, res, base, todo)
+    wanted = {(p.training, p.gradient, p.quantizer) for p in points(config)}
+    rows = [r for r in results.select_rows(res.rows, config_id=cid)
+            if (r["training"], r["gradient"], r["quantizer"]) in wanted]
+    title = (f"{config.model} / {ident['dataset']} on the {config.macro} macro "
+             f"(R={config.macro_config().rows}, ADC {config.macro_config().adc_bits} bits), "
+             f"error model {base['error_model']}, {config.mc_runs} MC runs")
+    report.plot_dnat(rows, os.path.join(out_dir, "accuracy.png"), title=title)
+    with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
+        f.write(report.dnat_summary_markdown(rows, title=title))
+    return rows
+
+
+def _run_points(config: DnatConfig, prep: sweep.Prepared, res: results.ResultsFile,
+                base: dict[str, Any], todo: list[Point]) -> None:
+    data, model, variables = prep.data, prep.model, prep.variables
+    cfg = config.macro_config()
+    em = error_model_for(config)
+    gaussian = mac_error.gaussian_like(em)
+    x_cal = jnp.asarray(data.x_train[:256])
+    x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
+    root = jax.random.fold_in(jax.random.key(config.seed), 2)
+    k_mc = jax.random.fold_in(root, 0)
+    state = {k: val for k, val in variables.items() if k != "params"}
+
+    def macros(qcfg, model_em, gradient):
+        kw = dict(layers_pattern=config.layers)
+        train = crossbar.transform(model.train_apply, variables, x_cal, cfg, qcfg,
+                                   error_model=model_em, gradient=gradient, **kw)
+        ideal = crossbar.transform(model.apply_fn, variables, x_cal, cfg, qcfg, **kw)
+        noisy = crossbar.transform(model.apply_fn, variables, x_cal, cfg, qcfg,
+                                   error_model=em, **kw)
+        return train, ideal, noisy
+
+    for p in todo:
+        t0 = time.perf_counter()
+        qcfg = quantizers.QuantizerConfig(kind=p.quantizer, bits=cfg.dac_bits)
+        model_em = {"float": None, "qat": None, "anat": gaussian, "dnat": em}[p.training]
+        grad = p.gradient if p.gradient in GRADIENTS else "ste"
+        train_m, ideal_m, noisy_m = macros(qcfg, model_em, grad)
+        bounds = crossbar.calibrate_bounds(model.apply_fn, variables, x_cal, ideal_m.paths,
+                                           qcfg)
+        start = {"params": {"net": variables["params"], "bounds": bounds}, **state}
+        mm = MacroModel(model, start, train_m, ideal_m, stochastic=model_em is not None)
+        trained, history = start, []
+        if p.training != "float":
+            # conv_lowering "xla": the macro layers are already matrix products, and
+            # the quantizers' and the error model's custom gradients must be kept
+            tcfg = training.TrainConfig(optimizer="adam", learning_rate=config.learning_rate,
+                                        epochs=config.epochs, conv_lowering="xla",
+                                        batch_size=min(config.batch_size, len(data.y_train)))
+            name = f"{p.training}/{p.gradient}/{p.quantizer}".encode()
+            key = jax.random.fold_in(root, zlib.crc32(name) % 2**31)
+            trained, history = training.train(key, mm, data, tcfg, progress=config.progress)
+        train_s = time.perf_counter() - t0
+        clean = training.evaluate_accuracy(mm.apply_fn, trained, data.x_test, data.y_test)
+        mc = montecarlo.evaluate(k_mc, _noisy_apply(noisy_m), trained, _identity, x_test,
+                                 y_test, config.mc_runs, forward_keys=True, lowering="vmap",
+                                 progress=config.progress)
+        s = mc.summary
+        row = dict(base, training=p.training, gradient=p.gradient, quantizer=p.quantizer,
+                   float_acc=prep.clean_test_accuracy, clean_acc=clean, acc_mean=s.mean,
+                   acc_std=s.std, acc_sem=s.sem, acc_p1=s.p1, acc_p5=s.p5, acc_min=s.min,
+                   acc_max=s.max, mc_runs=s.n_runs, train_seconds=round(train_s, 3),
+                   epochs_run=len(history),
+                   bounds={k: [float(b.lo), float(b.hi)]
+                           for k, b in MacroModel.split(trained)[1].items()})
+        res.append(row)
+        logging.info("%-5s %-11s %-5s ideal %.2f%%  under the error model %.2f%% +- %.2f "
+                     "(p5 %.2f%%)", p.training, p.gradient, p.quantizer, 100 * clean,
+                     100 * s.mean, 100 * s.sem, 100 * s.p5)
