@@ -8,6 +8,8 @@ and evaluates every (method, budget) point by Monte-Carlo. Writes
     python -m experiments.swim                      # LeNet on the offline MNIST digits
     python -m experiments.swim --methods=swim,hutchinson,magnitude --mc_runs=1000
     python -m experiments.swim --model=convnet --dataset=cifar10 --data_dir=~/tensorflow_datasets
+    python -m experiments.swim --nonuniform=RRAM4 --methods=swim,swim_uniform,magnitude  # U-SWIM
+    python -m experiments.swim --write_verify=explicit --device=swim   # a device preset
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 from absl import flags, logging
 
 from experiments import _cli
-from swimjax import data, models, sensitivity, sweep
+from swimjax import data, devices, models, perturbation, sweep
 
 _D = sweep.SweepConfig()
 FLAGS = flags.FLAGS
@@ -27,7 +29,8 @@ flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory (full 
 flags.DEFINE_string("checkpoint", None, "Checkpoint to load, or to write after training "
                     "(default: <out_dir>/<model>_<dataset>_seed<seed>.msgpack).")
 flags.DEFINE_list("methods", list(_D.methods),
-                  f"Selection methods, any of {list(sensitivity.available_methods())}.")
+                  f"Selection methods, any of {list(sweep.available_methods())} (swim_uniform: "
+                  "SWIM's curvature ranked as if the variation were uniform).")
 flags.DEFINE_list("budgets", [f"{b:g}" for b in _D.budgets],
                   "Fractions of mapped weights to write-verify, each in [0, 1].")
 flags.DEFINE_list("sigma_d", [f"{s:g}" for s in _D.sigma_d],
@@ -55,6 +58,14 @@ flags.DEFINE_float("sigma_read", _D.sigma_read, "Read noise during verify.")
 flags.DEFINE_integer("chunk_size", None, "Monte-Carlo runs per vmapped chunk (default: auto).")
 flags.DEFINE_bool("measure_cycles", True, "Measure NWC in write cycles with one explicit "
                   "programming pass per point.")
+flags.DEFINE_string("nonuniform", None,
+                    f"Non-uniform variation (U-SWIM) of the statistical model: one of "
+                    f"{list(perturbation.NONUNIFORM_PRESETS)} or a factor r > 0; weights with "
+                    "0.25 < |W|/max < 0.75 get sigma * r (renormalised). Default: uniform.")
+flags.DEFINE_string("device", None,
+                    f"Device preset of the explicit write-verify loop and the cycle measurement: "
+                    f"one of {sorted(devices.PRESETS)} or a JSON preset file. Default: an "
+                    "unclipped Gaussian device with variation sigma_d.")
 flags.DEFINE_string("out_dir", "runs/swim", "Output directory.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 
@@ -72,7 +83,9 @@ def config_from_flags() -> sweep.SweepConfig:
         n_score=FLAGS.n_score, tolerance=FLAGS.tolerance, max_pulses=FLAGS.max_pulses,
         max_failure=FLAGS.max_failure,
         sigma_read=FLAGS.sigma_read, chunk_size=FLAGS.chunk_size,
-        measure_cycles=FLAGS.measure_cycles, progress=FLAGS.progress)
+        measure_cycles=FLAGS.measure_cycles, progress=FLAGS.progress,
+        nonuniform_factor=1.0 if FLAGS.nonuniform is None else FLAGS.nonuniform,
+        device=FLAGS.device)
 
 
 def main(argv: list[str]) -> None:

@@ -23,6 +23,14 @@ Two write-verify models (``config.write_verify``):
   every row with ``measure_cycles``) report the tolerance and budget used,
   the failed devices and the measured residual std of the verified devices.
 
+Non-uniform variation (U-SWIM, ``config.nonuniform_factor``, e.g. ``RRAM4``):
+the statistical model gives the middle band of weights ``r`` times the sigma;
+``swim`` then ranks by the sigma-aware score, ``swim_uniform`` by SWIM's
+uniform one, and ``summary.md`` gives the NWC each method needs to come within
+one point of full write-verify with its standard error (:func:`nwc_within`).
+A device preset (``config.device``) replaces the explicit loop's device;
+``summary.md`` lists its values and source.
+
 NWC is reported two ways: ``nwc`` = fraction of mapped weights verified (SWIM's
 axis) and ``nwc_cycles`` = total write cycles of the scheme over those of full
 write-verify, measured with the explicit loop (one programming pass per point).
@@ -66,6 +74,88 @@ DEFAULT_BUDGETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 WEIGHT_UNIT_METHODS = ("swim", "swim_grad")
 #: Pulse budget of a hand-set ``tolerance`` without ``max_pulses``.
 DEFAULT_MAX_PULSES = 20
+#: Selection methods of the sweep beyond :func:`swimjax.sensitivity.available_methods`,
+#: each with the score it ranks: ``swim_uniform`` is SWIM's curvature ranked as if
+#: the variation were uniform (``h_ii (sigma_u^2 - sigma_v^2)`` with the uniform
+#: model's per-layer sigmas), the baseline U-SWIM compares its sigma-aware
+#: ranking (``swim`` under a non-uniform model) with. Under uniform variation it
+#: selects exactly what ``swim`` selects.
+SWEEP_METHODS = {"swim_uniform": "swim"}
+#: Fields added after rows first carried a ``config_id``, with their defaults: a
+#: field at its default is left out of :func:`identity`, so the rows of a
+#: configuration that does not use it keep their ``config_id``.
+ADDED_FIELDS = {"nonuniform_factor": 1.0, "device": None}
+
+
+def available_methods() -> tuple[str, ...]:
+    """Selection methods a sweep accepts: the scores of
+    :func:`swimjax.sensitivity.available_methods` and :data:`SWEEP_METHODS`."""
+    return tuple(sensitivity.available_methods()) + tuple(SWEEP_METHODS)
+
+
+def nonuniform_factor(value: Any) -> float:
+    """The non-uniform factor ``r`` of ``value``: a preset name of
+    :data:`swimjax.perturbation.NONUNIFORM_PRESETS` (``RRAM1``, ``FeFET2``,
+    ``RRAM4``, ``FeFET6``; any case) or a number ``> 0`` (1 = uniform)."""
+    if isinstance(value, str):
+        names = {k.lower(): f for k, f in perturbation.NONUNIFORM_PRESETS.items()}
+        if value.strip().lower() in names:
+            return float(names[value.strip().lower()])
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(
+                f"nonuniform must be one of {sorted(perturbation.NONUNIFORM_PRESETS)} or a "
+                f"factor > 0, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"nonuniform must be one of {sorted(perturbation.NONUNIFORM_PRESETS)} "
+                         f"or a factor > 0, got {value!r}")
+    return v.check_positive("nonuniform", float(value))
+
+
+def nonuniform_label(factor: float) -> str:
+    """The preset name of ``factor`` (``RRAM4`` for 4), else ``r=<factor>``."""
+    for name, f in perturbation.NONUNIFORM_PRESETS.items():
+        if f == factor:
+            return name
+    return f"r={factor:g}"
+
+
+def _is_path(spec: str) -> bool:
+    return spec.endswith(".json") or os.sep in spec or (os.altsep or os.sep) in spec
+
+
+def resolve_device(spec: str) -> devices.DevicePreset:
+    """The device preset ``spec`` names: a name of :data:`swimjax.devices.PRESETS`
+    or the path of a JSON preset file (read by ``devices.load_preset``).
+
+    Raises:
+      ValueError: an unknown name, or a file the loader rejects (naming what).
+      FileNotFoundError: a path that does not exist.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"device must be a preset name or a JSON file path, got {spec!r}")
+    if _is_path(spec):
+        loader = getattr(devices, "load_preset", None)
+        if loader is None:
+            raise ValueError(f"device: JSON preset files are not supported by this version of "
+                             f"swimjax.devices; use a preset name, one of {sorted(devices.PRESETS)}")
+        if not os.path.exists(spec):
+            raise FileNotFoundError(f"device: no preset file {spec!r}")
+        return loader(spec)
+    names = tuple(devices.preset_names()) if hasattr(devices, "preset_names") \
+        else tuple(devices.PRESETS)
+    v.check_choice("device", spec, names)
+    return devices.preset(spec)
+
+
+def preset_fields(preset: devices.DevicePreset) -> dict[str, Any]:
+    """A preset's values as JSON-able fields (device, drift, faults, source)."""
+    out = {"device": dataclasses.asdict(preset.device),
+           "drift": None if preset.drift is None else dataclasses.asdict(preset.drift),
+           "faults": None if preset.faults is None else dataclasses.asdict(preset.faults),
+           "source": preset.source}
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +194,25 @@ class SweepConfig:
       measure_cycles: measure ``nwc_cycles`` with one explicit programming pass
         per point (costly for models with tens of millions of devices).
       progress: show progress bars.
+      nonuniform_factor: non-uniform variation of the statistical model
+        (U-SWIM): weights with ``0.25 < |W|/max|W| < 0.75`` get ``sigma * r``,
+        every sigma renormalised by ``1 / sqrt(0.4 r^2 + 0.6)``
+        (:class:`swimjax.perturbation.VariationConfig`); 1 = uniform. A preset
+        name (``RRAM1``, ``FeFET2``, ``RRAM4``, ``FeFET6``) is accepted and
+        stored as its factor. ``swim`` (and every curvature method) then ranks
+        by the sigma-aware score ``h_ii (sigma_u,i^2 - sigma_v,i^2)`` with the
+        non-uniform per-weight sigmas; ``swim_uniform`` ranks as if the
+        variation were uniform. The statistical model only: the explicit loop
+        programs every device with one sigma, so ``write_verify="explicit"``
+        is rejected; ``nwc_cycles`` are measured on the uniform device.
+      device: device preset of the explicit write-verify loop (and of the
+        cycle measurement): a name of :data:`swimjax.devices.PRESETS` or a JSON
+        preset file; None (default): an unclipped Gaussian device with
+        variation ``sigma_d`` on writes and pulses (SWIM's model). A preset
+        brings its own open-loop and pulse variation, clipping and read noise
+        (``sigma_read`` > 0 replaces its read noise); ``sigma_d`` then sets the
+        statistical model only. The loop of a preset with a state-dependent
+        (polynomial) variation needs ``tolerance``.
     """
 
     model: str = "lenet"
@@ -130,12 +239,14 @@ class SweepConfig:
     chunk_size: int | None = None
     measure_cycles: bool = True
     progress: bool = True
+    nonuniform_factor: float = 1.0
+    device: str | None = None
 
     def __post_init__(self) -> None:
         if not self.methods:
             raise ValueError("methods must name at least one selection method")
         for m in self.methods:
-            v.check_choice("methods", m, sensitivity.available_methods())
+            v.check_choice("methods", m, available_methods())
         if not self.budgets:
             raise ValueError("budgets must hold at least one fraction in [0, 1]")
         for b in self.budgets:
@@ -169,7 +280,32 @@ class SweepConfig:
             v.check_int("max_pulses", self.max_pulses, 1, None)
         v.check_range("max_failure", self.max_failure, 0.0, 1.0, low_inclusive=False,
                       high_inclusive=False)
-        if (self.write_verify == "explicit" or self.measure_cycles) and self.tolerance is None \
+        object.__setattr__(self, "nonuniform_factor", nonuniform_factor(self.nonuniform_factor))
+        if self.nonuniform_factor != 1.0 and self.write_verify == "explicit":
+            raise ValueError(
+                f"nonuniform_factor={self.nonuniform_factor:g} applies to the statistical model "
+                f"only (write_verify='statistical'): the explicit loop programs every device "
+                f"with one sigma")
+        uses_loop = self.write_verify == "explicit" or self.measure_cycles
+        if self.device is not None:
+            dev = resolve_device(self.device).device
+            if self.write_verify == "explicit" and len(self.sigma_d) > 1:
+                raise ValueError(
+                    f"sigma_d must be one value with device={self.device!r} and "
+                    f"write_verify='explicit' (the preset sets the device's variation), got "
+                    f"{self.sigma_d}")
+            if uses_loop and self.tolerance is None:
+                if dev.variation != "absolute" or dev.pulse_variation != "absolute":
+                    raise ValueError(
+                        f"tolerance must be set for device={self.device!r}: its variation is "
+                        f"{dev.variation!r} (pulses {dev.pulse_variation!r}), and the "
+                        f"automatic loop needs an absolute one (or turn measure_cycles off)")
+                if not 0.0 < self.sigma_wv < dev.sigma_program:
+                    raise ValueError(
+                        f"sigma_wv must be in (0, {dev.sigma_program}) (device "
+                        f"{self.device!r}'s sigma_program) for the explicit write-verify loop, "
+                        f"got {self.sigma_wv}; set tolerance to choose the loop by hand")
+        elif uses_loop and self.tolerance is None \
                 and not 0.0 < self.sigma_wv < min(self.sigma_d):
             raise ValueError(
                 f"sigma_wv must be in (0, min(sigma_d)) = (0, {min(self.sigma_d)}) for the "
@@ -197,13 +333,25 @@ class SweepConfig:
         """SWIM's statistical model at ``sigma_d`` (default: the first swept one)."""
         return perturbation.VariationConfig(
             sigma_d=self.sigma_d[0] if sigma_d is None else sigma_d, sigma_wv=self.sigma_wv,
-            weight_bits=self.weight_bits, device_bits=self.device_bits)
+            weight_bits=self.weight_bits, device_bits=self.device_bits,
+            nonuniform_factor=self.nonuniform_factor)
+
+    def device_preset(self) -> devices.DevicePreset | None:
+        """The preset of ``device`` (None without one)."""
+        return None if self.device is None else resolve_device(self.device)
 
     def device_config(self, sigma_d: float | None = None) -> devices.DeviceConfig:
-        """The device of the explicit loop: open-loop writes (and corrective
-        pulses) with variation ``sigma_d`` (default: the first swept one),
-        reads with ``sigma_read``. Conductances are not clipped, as in SWIM's
-        Gaussian model."""
+        """The device of the explicit loop: without ``device``, open-loop
+        writes (and corrective pulses) with variation ``sigma_d`` (default: the
+        first swept one), reads with ``sigma_read``, conductances not clipped,
+        as in SWIM's Gaussian model. With ``device``, the preset's device
+        (``sigma_d`` unused), its read noise replaced by ``sigma_read`` when
+        that is > 0."""
+        preset = self.device_preset()
+        if preset is not None:
+            if self.sigma_read > 0:
+                return dataclasses.replace(preset.device, sigma_read=self.sigma_read)
+            return preset.device
         s = self.sigma_d[0] if sigma_d is None else sigma_d
         return devices.DeviceConfig(sigma_program=s, sigma_pulse=s,
                                     sigma_read=self.sigma_read, clip=False, name="sweep")
@@ -317,8 +465,22 @@ def identity(config: SweepConfig, prep: Prepared) -> dict[str, Any]:
     test data's sha256, plus the swimjax version. ``config_id`` (see
     :func:`config_id`) is its digest.
     """
+    fields = config_fields(config, prep, NON_IDENTITY_FIELDS)
+    for name, default in ADDED_FIELDS.items():
+        if fields.get(name) == default:
+            del fields[name]
+    if config.device is not None:
+        fields["device_preset"] = preset_fields(config.device_preset())
+    return json.loads(json.dumps(fields, sort_keys=True, default=str))
+
+
+def config_fields(config: Any, prep: Prepared, non_identity: tuple[str, ...]) -> dict[str, Any]:
+    """The identity of any experiment's frozen config (a dataclass with
+    ``dataset_label``): its fields but ``non_identity``, ``checkpoint`` and
+    ``data_dir``, the dataset's label, the weights' and test data's sha256 and
+    the swimjax version, as JSON-able values."""
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-              if f.name not in NON_IDENTITY_FIELDS + ("checkpoint", "data_dir")}
+              if f.name not in tuple(non_identity) + ("checkpoint", "data_dir")}
     fields["dataset"] = config.dataset_label
     fields.update(weights_sha256=prep.weights_sha256,
                   test_data_sha256=_digest(prep.data.x_test, prep.data.y_test),
@@ -353,8 +515,9 @@ def _score(method: str, key: jax.Array, apply_fn, params, batches) -> Any:
 def _select(method: str, scores: Any, budget: float, sigma_u: Any, sigma_v: Any, params: Any,
             selected: Any) -> Any:
     """The mask of one point. Curvature methods rank by the expected loss
-    removed, ``h_ii * (sigma_u^2 - sigma_v^2)``; the baselines (magnitude,
-    random, gradient, saliency) rank by their own score."""
+    removed, ``h_ii * (sigma_u^2 - sigma_v^2)`` (``swim_uniform``: called with
+    the uniform model's sigmas); the baselines (magnitude, random, gradient,
+    saliency) rank by their own score."""
     if method in sensitivity.BASELINE_METHODS:
         sigma_u, sigma_v = 1.0, 0.0
     return selection.select(scores, budget, sigma_unverified=sigma_u, sigma_verified=sigma_v,
@@ -362,9 +525,100 @@ def _select(method: str, scores: Any, budget: float, sigma_u: Any, sigma_v: Any,
 
 
 def _title(config: SweepConfig, sigma_d: float) -> str:
+    extra = ""
+    if config.nonuniform_factor != 1.0:
+        extra += f", non-uniform {nonuniform_label(config.nonuniform_factor)}"
+    if config.device is not None:
+        extra += f", device {config.device}"
     return (f"{config.model} / {config.dataset_label}: sigma_d={sigma_d:g}, "
             f"sigma_wv={config.sigma_wv}, N={config.weight_bits}, m={config.device_bits}, "
-            f"{config.write_verify} write-verify, {config.mc_runs} MC runs")
+            f"{config.write_verify} write-verify{extra}, {config.mc_runs} MC runs")
+
+
+def nwc_within(rows: list[dict[str, Any]], tolerance: float = 0.01
+               ) -> dict[str, tuple[float, float]]:
+    """Per method, the NWC needed to come within ``tolerance`` (a fraction: 0.01
+    = 1 point) of full write-verify, with its standard error.
+
+    The target is the mean accuracy of the budget-1 rows minus ``tolerance``;
+    the NWC is the linear interpolation of the first crossing of the method's
+    mean accuracy (as :func:`swimjax.report.nwc_to_reach`), and its standard
+    error the delta method's through the target's and both bracketing points'
+    ``acc_sem``, taken as independent (the points share their Monte-Carlo keys
+    and are positively correlated, so this overstates the error). A method
+    whose first point already reaches the target gets that point's NWC and
+    error 0; one that never does gets ``(nan, nan)``.
+    """
+    full = [r for r in rows if r["budget"] == 1.0]
+    if not full:
+        return {}
+    target = float(np.mean([r["acc_mean"] for r in full])) - tolerance
+    se_t = float(np.mean([r["acc_sem"] for r in full]))
+    out: dict[str, tuple[float, float]] = {}
+    for method in sorted({r["method"] for r in rows}):
+        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["nwc"])
+        out[method] = (float("nan"), float("nan"))
+        for i, r in enumerate(pts):
+            if r["acc_mean"] < target:
+                continue
+            if i == 0 or r["acc_mean"] == pts[i - 1]["acc_mean"]:
+                out[method] = (float(r["nwc"]), 0.0)
+                break
+            p = pts[i - 1]
+            x0, x1, y0, y1 = p["nwc"], r["nwc"], p["acc_mean"], r["acc_mean"]
+            b = y1 - y0
+            x = x0 + (target - y0) * (x1 - x0) / b
+            var = ((x1 - x0) / b) ** 2 * (se_t ** 2 + ((y1 - target) / b * p["acc_sem"]) ** 2
+                                          + ((target - y0) / b * r["acc_sem"]) ** 2)
+            out[method] = (float(x), float(np.sqrt(var)))
+            break
+    return out
+
+
+def nonuniform_markdown(rows: list[dict[str, Any]], config: SweepConfig,
+                        tolerance: float = 0.01) -> str:
+    """The U-SWIM comparison: NWC (with standard errors, :func:`nwc_within`)
+    each method needs to come within ``tolerance`` of full write-verify, and
+    how many times fewer weights the sigma-aware ``swim`` verifies than
+    ``swim_uniform`` and each other method."""
+    res = nwc_within(rows, tolerance)
+    lines = [f"## Non-uniform variation {nonuniform_label(config.nonuniform_factor)} "
+             f"(r = {config.nonuniform_factor:g}): NWC to come within {100 * tolerance:g} "
+             f"point(s) of full write-verify", "",
+             "`swim`: sigma-aware score h (sigma_u^2 - sigma_v^2) with the non-uniform "
+             "per-weight sigmas (U-SWIM); `swim_uniform`: SWIM's score as if the variation "
+             "were uniform. Standard errors by the delta method from the rows' sem.", "",
+             "| method | NWC | se | verifies x more than swim (se) |", "|---|---|---|---|"]
+    ref = res.get("swim", (float("nan"), float("nan")))
+    for method, (x, se) in res.items():
+        if np.isfinite(ref[0]) and ref[0] > 0 and np.isfinite(x):
+            ratio = x / ref[0]
+            rse = ratio * float(np.sqrt((se / x) ** 2 + (ref[1] / ref[0]) ** 2)) if x > 0 else 0.0
+            rs = f"{ratio:.2f} ({rse:.2f})"
+        else:
+            rs = "-"
+        xs = f"{x:.4f}" if np.isfinite(x) else "not reached"
+        ses = f"{se:.4f}" if np.isfinite(se) else "-"
+        lines.append(f"| {method} | {xs} | {ses} | {rs} |")
+    return "\n".join(lines) + "\n"
+
+
+def device_markdown(config: SweepConfig) -> str:
+    """The device preset's values and its source, for ``summary.md``."""
+    preset = config.device_preset()
+    fields = preset_fields(preset)
+    lines = [f"## Device preset `{config.device}`", "", f"source: {preset.source or '-'}", "",
+             "| parameter | value |", "|---|---|"]
+    for part in ("device", "drift", "faults"):
+        if fields[part] is None:
+            lines.append(f"| {part} | none |")
+            continue
+        for k, val in fields[part].items():
+            lines.append(f"| {part}.{k} | {val} |")
+    used = config.device_config()
+    if used != preset.device:
+        lines += ["", f"read noise replaced by sigma_read = {used.sigma_read:g}"]
+    return "\n".join(lines) + "\n"
 
 
 def plot_path(out_dir: str, config: SweepConfig, sigma_d: float) -> str:
@@ -408,6 +662,10 @@ def run_sweep(config: SweepConfig, out_dir: str) -> list[dict[str, Any]]:
         rs = results.select_rows(rows, sigma_d=s)
         report.plot_accuracy_vs_nwc(rs, plot_path(out_dir, config, s), title=_title(config, s))
         summaries.append(report.summary_markdown(rs, title=_title(config, s)))
+        if config.nonuniform_factor != 1.0 or "swim_uniform" in config.methods:
+            summaries.append(nonuniform_markdown(rs, config))
+    if config.device is not None:
+        summaries.append(device_markdown(config))
     with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
         f.write("\n\n".join(summaries))
     return rows
@@ -455,8 +713,11 @@ def _run_points(config: SweepConfig, prep: Prepared, res: results.ResultsFile,
     points: list[_Point] = []
     for sigma in dict.fromkeys(s for s, _, _ in todo):
         t0 = time.perf_counter()
-        sigma_u, sigma_v = perturbation.weight_sigmas(params, config.variation_config(sigma),
-                                                      selected)
+        vcfg = config.variation_config(sigma)
+        sigma_u, sigma_v = perturbation.weight_sigmas(params, vcfg, selected)
+        # swim_uniform: the same curvature ranked with the uniform model's sigmas
+        uniform = perturbation.weight_sigmas(
+            params, dataclasses.replace(vcfg, nonuniform_factor=1.0), selected)
         hw = (config.mapping_config(), config.device_config(sigma),
               config.write_verify_config(sigma))
         full = (programming.cycles_full_write_verify(k_prog, params, *hw, selected)
@@ -464,9 +725,11 @@ def _run_points(config: SweepConfig, prep: Prepared, res: results.ResultsFile,
         for s, method, budget in todo:
             if s != sigma:
                 continue
-            if method not in scores:
-                scores[method] = _score(method, k_score, apply_fn, params, batches)
-            mask = _select(method, scores[method], budget, sigma_u, sigma_v, params, selected)
+            score_name = SWEEP_METHODS.get(method, method)
+            if score_name not in scores:
+                scores[score_name] = _score(score_name, k_score, apply_fn, params, batches)
+            su, sv = (sigma_u, sigma_v) if method not in SWEEP_METHODS else uniform
+            mask = _select(method, scores[score_name], budget, su, sv, params, selected)
             n_verified = _count_mapped(mask, selected)
             fields = dict(n_verified=n_verified, n_mapped=n_mapped, nwc=n_verified / n_mapped,
                           speedup=n_mapped / n_verified if n_verified else None,

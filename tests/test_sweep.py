@@ -1,5 +1,6 @@
 """The SWIM sweep end to end: files, keys, resume, checkpoint reuse, binaries."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -226,3 +227,127 @@ def test_score_batches_use_every_example():
     assert x.shape[:2] == (3, 500) and float(w.sum()) == 1234
     x, y, w = sweep.score_batches(d, 700, batch_size=500)
     assert float(w.sum()) == 700
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(nonuniform_factor="RRAM5"), "nonuniform"),
+    (dict(nonuniform_factor=-2.0), "nonuniform"),
+    (dict(nonuniform_factor=4.0, write_verify="explicit"), "nonuniform_factor"),
+    (dict(device="flash"), "device"),
+    (dict(device="rram"), "tolerance"),            # state-dependent: needs a hand-set loop
+    (dict(device="swim", sigma_wv=0.2), "sigma_wv"),
+    (dict(device="swim", write_verify="explicit", sigma_d=(0.1, 0.2)), "sigma_d"),
+    (dict(methods=("swim_uniform", "nope")), "methods"),
+])
+def test_bad_nonuniform_and_device(bad, match):
+    with pytest.raises(ValueError, match=match):
+        sweep.SweepConfig(**bad)
+
+
+def test_nonuniform_presets_and_identity():
+    from swimjax import perturbation
+    for name, r in perturbation.NONUNIFORM_PRESETS.items():
+        assert sweep.SweepConfig(nonuniform_factor=name).nonuniform_factor == r
+        assert sweep.SweepConfig(nonuniform_factor=name.lower()).variation_config(
+        ).nonuniform_factor == r
+        assert sweep.nonuniform_label(r) == name
+    assert sweep.SweepConfig(nonuniform_factor="3").nonuniform_factor == 3.0
+
+    class Prep:  # what identity reads of a prepared model
+        weights_sha256 = "w"
+        data = type("D", (), {"x_test": np.zeros(2), "y_test": np.zeros(2)})
+
+    # fields at their defaults stay out of the identity: old rows keep their config_id
+    ident = sweep.identity(sweep.SweepConfig(), Prep)
+    assert "nonuniform_factor" not in ident and "device" not in ident
+    four = sweep.identity(sweep.SweepConfig(nonuniform_factor="RRAM4"), Prep)
+    assert four["nonuniform_factor"] == 4.0 and sweep.config_id(four) != sweep.config_id(ident)
+    dev = sweep.identity(sweep.SweepConfig(device="swim"), Prep)
+    assert dev["device"] == "swim" and dev["device_preset"]["device"]["sigma_program"] == 0.1
+
+
+def test_device_config_from_preset():
+    from swimjax import devices
+    assert sweep.SweepConfig().device_config(0.2) == devices.DeviceConfig(
+        sigma_program=0.2, sigma_pulse=0.2, sigma_read=0.0, clip=False, name="sweep")
+    c = sweep.SweepConfig(device="fefet", write_verify="explicit", sigma_d=0.15)
+    assert c.device_config() == devices.preset("fefet").device
+    assert c.device_config(0.3) == devices.preset("fefet").device  # sigma_d unused
+    assert sweep.SweepConfig(device="fefet", sigma_read=0.01).device_config().sigma_read == 0.01
+    loop = c.write_verify_config()
+    assert loop.tolerance > 0 and loop.max_pulses >= 1
+
+
+def test_nwc_within_interpolates_with_a_standard_error():
+    rows = [dict(method="a", budget=b, nwc=b, acc_mean=a, acc_sem=0.002)
+            for b, a in [(0.0, 0.80), (0.1, 0.90), (0.2, 0.975), (1.0, 0.98)]]
+    rows += [dict(method="b", budget=b, nwc=b, acc_mean=a, acc_sem=0.002)
+             for b, a in [(0.0, 0.80), (0.5, 0.975), (1.0, 0.98)]]
+    out = sweep.nwc_within(rows, 0.01)   # target 0.97
+    assert out["a"][0] == pytest.approx(0.1 + 0.07 / 0.075 * 0.1)
+    assert out["b"][0] == pytest.approx(0.5 * 0.17 / 0.175)
+    assert 0 < out["a"][1] < 0.02
+    md = sweep.nonuniform_markdown([dict(r, method="swim" if r["method"] == "a" else r["method"])
+                                    for r in rows], sweep.SweepConfig(nonuniform_factor=4))
+    assert "RRAM4" in md and "| swim |" in md and "| b |" in md
+
+
+@pytest.mark.slow
+def test_nonuniform_sweep_ranks_sigma_aware(tmp_path, trained):
+    """RRAM4: swim (sigma-aware) and swim_uniform pick different weights; under
+    uniform variation they pick the same, and rows are shared."""
+    cfg = _tiny(trained, methods=("swim", "swim_uniform", "magnitude"), budgets=(0.0, 0.1, 1.0),
+                nonuniform_factor="RRAM4", measure_cycles=False)
+    rows = sweep.run_sweep(cfg, str(tmp_path / "nu"))
+    by = {(r["method"], r["budget"]): r for r in rows}
+    assert len(rows) == 9 and all(r["nonuniform_factor"] == 4.0 for r in rows)
+    assert by[("swim", 0.1)]["acc_mean"] != by[("swim_uniform", 0.1)]["acc_mean"]
+    # the sigma-aware ranking removes more predicted loss at the same budget
+    assert by[("swim", 0.1)]["predicted_loss_increase"] < \
+        by[("swim_uniform", 0.1)]["predicted_loss_increase"]
+    summary = open(tmp_path / "nu" / "summary.md").read()
+    assert "Non-uniform variation RRAM4" in summary and "| swim_uniform |" in summary
+    uni = sweep.run_sweep(dataclasses.replace(cfg, nonuniform_factor=1.0), str(tmp_path / "u"))
+    ub = {(r["method"], r["budget"]): r for r in uni}
+    assert ub[("swim", 0.1)]["acc_mean"] == ub[("swim_uniform", 0.1)]["acc_mean"]
+
+
+@pytest.mark.slow
+def test_binary_nonuniform_and_device_flags(tmp_path):
+    out = tmp_path / "flags"
+    cmd = [sys.executable, "-m", "experiments.swim", f"--out_dir={out}", "--mc_runs=2",
+           "--budgets=0,1", "--methods=swim,swim_uniform", "--n_train=256", "--n_test=50",
+           "--train_epochs=1", "--noprogress", "--nonuniform=FeFET2", "--device=swim",
+           "--sigma_d=0.1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(out)
+    assert len(rows) == 4 and {r["nonuniform_factor"] for r in rows} == {2.0}
+    assert {r["device"] for r in rows} == {"swim"}
+    summary = open(out / "summary.md").read()
+    assert "Device preset `swim`" in summary and "SWIM (Yan, Hu, Shi" in summary
+    assert "device.sigma_program | 0.1 |" in summary
+
+    # a user's JSON preset file, with the explicit loop
+    preset = tmp_path / "mine.json"
+    preset.write_text(json.dumps({"name": "mine", "source": "a test",
+                                  "device": {"sigma_program": 0.12, "sigma_pulse": 0.05}}))
+    out2 = tmp_path / "json"
+    cmd2 = [c for c in cmd if not c.startswith(("--out_dir", "--device", "--nonuniform"))]
+    proc = subprocess.run(cmd2 + [f"--out_dir={out2}", f"--device={preset}",
+                                  "--write_verify=explicit", "--methods=swim"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(out2)
+    assert {r["device_preset"]["device"]["sigma_program"] for r in rows} == {0.12}
+    assert "a test" in open(out2 / "summary.md").read()
+
+
+@pytest.mark.parametrize("flag, name", [("--nonuniform=RRAM9", "nonuniform"),
+                                         ("--device=flash", "device"),
+                                         ("--device=/nonexistent/p.json", "p.json")])
+def test_binary_rejects_bad_nonuniform_and_device(tmp_path, flag, name):
+    proc = subprocess.run([sys.executable, "-m", "experiments.swim", flag,
+                           f"--out_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert name in proc.stderr and "Traceback" not in proc.stderr
