@@ -46,7 +46,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.extend import core as jcore
 
 from swimjax import _jaxpr
 
@@ -415,31 +414,17 @@ def _keeps_own_derivative(eqn, inner) -> bool:
 def _eval_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[_Val],
                 rules: dict[str, Callable[[Any, Sequence[_Val]], list[_Val]]] = _RULES,
                 differentiable: bool = False) -> list[_Val]:
-    env: dict[Any, _Val] = {}
-
-    def read(var) -> _Val:
-        if isinstance(var, jcore.Literal):
-            return _Val(var.val, False)
-        return env[var]
-
-    for var, c in zip(jaxpr.constvars, consts):
-        env[var] = _Val(c, False)
-    for var, a in zip(jaxpr.invars, args):
-        env[var] = a
-    for eqn in jaxpr.eqns:
-        vals = [read(x) for x in eqn.invars]
-        inner = _jaxpr.inner_closed(eqn)
+    def eval_eqn(eqn, vals: list[_Val], inner) -> list[_Val]:
         if not any(v.batched for v in vals):
-            outs = _vmap_bind(eqn, vals)
-        elif inner is not None and differentiable and _keeps_own_derivative(eqn, inner):
-            outs = _vmap_bind(eqn, vals)
-        elif inner is not None:
-            outs = _eval_jaxpr(inner[0], inner[1], vals, rules, differentiable)
-        else:
-            outs = rules.get(eqn.primitive.name, _vmap_bind)(eqn, vals)
-        for var, o in zip(eqn.outvars, outs):
-            env[var] = o
-    return [read(x) for x in jaxpr.outvars]
+            return _vmap_bind(eqn, vals)
+        if inner is not None and differentiable and _keeps_own_derivative(eqn, inner):
+            return _vmap_bind(eqn, vals)
+        if inner is not None:
+            return _eval_jaxpr(inner[0], inner[1], vals, rules, differentiable)
+        return rules.get(eqn.primitive.name, _vmap_bind)(eqn, vals)
+
+    return _jaxpr.interpret(jaxpr, [_Val(c, False) for c in consts], list(args), eval_eqn,
+                            literal=lambda value: _Val(value, False))
 
 
 def run_batched(fn: Callable[..., Any], *, max_gemm_k: int | None = None,
