@@ -51,8 +51,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
-from typing import Callable, Literal, NamedTuple, Sequence
+import os
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +67,9 @@ __all__ = [
     'DeviceConfig', 'DevicePreset', 'DriftConfig', 'DriftModel', 'Effect', 'MAX_LEVEL_BITS',
     'MAX_SPATIAL_SITES', 'PRESETS', 'PulseVariation', 'STUCK_AT_CHEN2015', 'SpatialConfig',
     'StuckAtConfig', 'StuckFaults', 'Variation', 'apply_drift', 'apply_stuck', 'chain',
-    'drifting', 'finite_levels', 'grid_distances', 'level_table', 'normalize_sigma_poly',
+    'describe_preset', 'drift_compensation', 'drift_conductance', 'drift_moments', 'drifting',
+    'finite_levels', 'load_preset', 'preset_names', 'preset_to_dict', 'resolve_preset',
+    'sample_nu_physical', 'stuck_from_uniform', 'to_normalized', 'to_physical', 'grid_distances', 'level_table', 'normalize_sigma_poly',
     'nu_stats', 'pcm_read_noise', 'pcm_read_noise_std', 'polyval', 'preset', 'program',
     'program_std', 'programming', 'pulse', 'read', 'reading', 'sample_nu', 'sample_stuck',
     'snap_to_levels', 'spatial_factor', 'spatial_field', 'spatial_variation',
@@ -387,6 +391,96 @@ def pcm_read_noise(key: jax.Array, g: jax.Array, t: float | jax.Array,
 
 
 # ----------------------------------------------------------------------------
+# Drift of the physical conductance
+# ----------------------------------------------------------------------------
+
+def to_physical(g: jax.Array, device: DeviceConfig) -> jax.Array:
+    """Normalized conductance -> microsiemens: ``g_min + g (g_max - g_min)``."""
+    return device.g_min_us + jnp.asarray(g) * (device.g_max_us - device.g_min_us)
+
+
+def to_normalized(g_us: jax.Array, device: DeviceConfig) -> jax.Array:
+    """Microsiemens -> normalized conductance: ``(G - g_min) / (g_max - g_min)``."""
+    return (jnp.asarray(g_us) - device.g_min_us) / (device.g_max_us - device.g_min_us)
+
+
+def sample_nu_physical(key: jax.Array, g: jax.Array, drift_cfg: DriftConfig,
+                       device: DeviceConfig) -> jax.Array:
+    """:func:`sample_nu` with the level taken from the physical conductance:
+    ``x = G / g_max`` (``G`` the programmed conductance, ``g_min`` included),
+    as the published PCM model defines it. ``g`` is normalized; shape of ``g``.
+    Equal to :func:`sample_nu` when ``g_min = 0``."""
+    g = jnp.asarray(g, jnp.result_type(g, jnp.float32))
+    x = to_physical(g, device) / device.g_max_us
+    return sample_nu(key, x.astype(g.dtype), drift_cfg)
+
+
+def drift_conductance(g: jax.Array, nu: jax.Array, t_after: float | jax.Array,
+                      drift_cfg: DriftConfig, device: DeviceConfig) -> jax.Array:
+    """Normalized conductance ``t_after`` seconds after programming.
+
+    Drift acts on the physical conductance, ``g_min`` included:
+    ``G(t) = G_prog ((t_after + t0) / t0)^-nu`` (the time counted from the end
+    of programming, as aihwkit's ``t_inference``; no drift at ``t_after = 0``),
+    returned in normalized units ``(G(t) - g_min) / (g_max - g_min)``, which
+    falls below 0 when a device drifts under ``g_min`` (a differential pair
+    reads ``G+ - G-``, where ``g_min`` cancels). Shape of ``g``.
+    """
+    _check_time("t_after", t_after)
+    g = jnp.asarray(g, jnp.result_type(g, jnp.float32))
+    t = jnp.asarray(t_after, g.dtype) + drift_cfg.t0
+    g_us = apply_drift(to_physical(g, device), nu, t, drift_cfg)
+    return to_normalized(g_us, device).astype(g.dtype)
+
+
+def drift_moments(g0_us: float, t_after: float, drift_cfg: DriftConfig,
+                  g_max_us: float = 1.0) -> tuple[float, float]:
+    """Closed-form mean and std of ``G(t)`` (microsiemens) of a device
+    programmed exactly to ``g0_us``, over the draw of ``nu`` (float64, eager).
+
+    With ``L = ln((t_after + t0) / t0)`` and ``nu`` drawn from ``N(mu, sd)``
+    (:func:`nu_stats` at level ``x = g0_us / g_max_us``), ``E[exp(-k L nu')]`` is, for ``nu' = max(nu, 0)``
+    (``"constant"``), ``Phi(-mu/sd) + exp(-k L mu + (k L sd)^2 / 2)
+    Phi((mu - k L sd^2) / sd)`` and, for ``nu' = |nu|`` (``"pcm"``), the same
+    second term plus ``exp(k L mu + (k L sd)^2 / 2) Phi(-(mu + k L sd^2) / sd)``;
+    ``k = 1`` gives the mean, ``k = 2`` the second moment.
+    """
+    from scipy import stats
+    _check_time("t_after", t_after)
+    level = g0_us / g_max_us
+    mu, sd = (float(a) for a in nu_stats(jnp.asarray(level, jnp.float32), drift_cfg))
+    big_l = math.log((t_after + drift_cfg.t0) / drift_cfg.t0)
+
+    def moment(k: float) -> float:
+        a = k * big_l
+        if sd == 0.0:
+            return math.exp(-a * (abs(mu) if drift_cfg.model == "pcm" else max(mu, 0.0)))
+        pos = math.exp(-a * mu + 0.5 * (a * sd) ** 2) * stats.norm.cdf((mu - a * sd * sd) / sd)
+        if drift_cfg.model == "pcm":
+            return pos + math.exp(a * mu + 0.5 * (a * sd) ** 2) * stats.norm.cdf(
+                -(mu + a * sd * sd) / sd)
+        return pos + stats.norm.cdf(-mu / sd)
+
+    m1, m2 = moment(1.0), moment(2.0)
+    return float(g0_us * m1), float(g0_us * math.sqrt(max(m2 - m1 * m1, 0.0)))
+
+
+def drift_compensation(g_ref: jax.Array, g_t: jax.Array, device: DeviceConfig,
+                       axis: int | Sequence[int] | None = None) -> jax.Array:
+    """Global drift compensation (as aihwkit's ``GlobalDriftCompensation``):
+    the factor ``alpha = sum G_ref / sum G(t)`` by which the digital periphery
+    multiplies a layer's outputs, from two calibration reads of the whole
+    array: ``g_ref`` right after programming, ``g_t`` at inference time
+    (normalized; the sums are of physical conductances, ``g_min`` included).
+    Exact when every device drifts by the same factor. Summed over ``axis``
+    (default all)."""
+    ref = jnp.sum(to_physical(g_ref, device), axis=axis)
+    now = jnp.sum(to_physical(g_t, device), axis=axis)
+    tiny = jnp.finfo(jnp.result_type(now, jnp.float32)).tiny
+    return ref / jnp.maximum(now, tiny)
+
+
+# ----------------------------------------------------------------------------
 # Stuck-at faults
 # ----------------------------------------------------------------------------
 
@@ -440,6 +534,17 @@ def apply_stuck(g: jax.Array, stuck: StuckFaults) -> jax.Array:
     """Forces stuck devices to 0 (``at_min``) or 1 (``at_max``); shape of ``g``."""
     g = jnp.asarray(g)
     return jnp.where(stuck.at_min, jnp.zeros_like(g), jnp.where(stuck.at_max, jnp.ones_like(g), g))
+
+
+def stuck_from_uniform(u: jax.Array, p_stuck_min: float | jax.Array,
+                       p_stuck_max: float | jax.Array) -> StuckFaults:
+    """The fault map of :func:`sample_stuck` from given uniforms ``u`` in
+    ``[0, 1)``, with rates that may be traced (a rate in a Monte-Carlo state):
+    ``u < p_min`` at ``g_min``, ``p_min <= u < p_min + p_max`` at ``g_max``. The
+    same ``u`` at growing rates gives nested fault sets."""
+    at_min = u < p_stuck_min
+    at_max = (u >= p_stuck_min) & (u < p_stuck_min + p_stuck_max)
+    return StuckFaults(at_min, at_max)
 
 
 # ----------------------------------------------------------------------------
@@ -740,3 +845,167 @@ def preset(name: str) -> DevicePreset:
     """The preset called ``name`` (one of :data:`PRESETS`)."""
     v.check_choice("name", name, tuple(PRESETS))
     return PRESETS[name]
+
+
+# ----------------------------------------------------------------------------
+# Preset files and names
+# ----------------------------------------------------------------------------
+
+_PRESET_KEYS = ("name", "source", "device", "drift", "faults")
+#: Keys of a preset file's ``device`` object beyond the DeviceConfig fields: a
+#: published fit in microsiemens, converted with :func:`normalize_sigma_poly`.
+_POLY_US_KEYS = ("sigma_poly_us", "sigma_poly_variable")
+
+
+def preset_names() -> tuple[str, ...]:
+    """The names of the built-in presets (:data:`PRESETS`), sorted."""
+    return tuple(sorted(PRESETS))
+
+
+def _section(path: str, name: str, value: Any, cls: type) -> Any:
+    """One object of a preset file as ``cls``; errors name the file and key."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: {name} must be a JSON object of {cls.__name__} fields, "
+                         f"got {value!r}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    allowed = fields | (set(_POLY_US_KEYS) if cls is DeviceConfig else set())
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise ValueError(f"{path}: unknown key {name}.{unknown[0]} (allowed in {name}: "
+                         f"{sorted(allowed)})")
+    kwargs = dict(value)
+    if cls is DeviceConfig and "sigma_poly_us" in kwargs:
+        if "sigma_poly" in kwargs:
+            raise ValueError(f"{path}: give device.sigma_poly or device.sigma_poly_us, not both")
+        coeffs = kwargs.pop("sigma_poly_us")
+        variable = kwargs.pop("sigma_poly_variable", "g_us")
+        try:
+            kwargs["sigma_poly"] = normalize_sigma_poly(
+                coeffs, kwargs.get("g_min_us", 0.0), kwargs.get("g_max_us", 1.0), variable)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: device.sigma_poly_us: {err}") from None
+        kwargs.setdefault("variation", "polynomial")
+        kwargs.setdefault("sigma_program", 0.0)
+    elif cls is DeviceConfig and "sigma_poly_variable" in kwargs:
+        raise ValueError(f"{path}: device.sigma_poly_variable needs device.sigma_poly_us")
+    if cls is DeviceConfig and isinstance(kwargs.get("sigma_poly"), list):
+        kwargs["sigma_poly"] = tuple(kwargs["sigma_poly"])
+    for k, val in kwargs.items():
+        if isinstance(val, list):
+            kwargs[k] = tuple(val)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: {name}: {err}") from None
+
+
+def load_preset(path: str | os.PathLike) -> DevicePreset:
+    """A :class:`DevicePreset` from a user's JSON file, validated.
+
+    The file holds one object::
+
+        {"name": "my_rram", "source": "where the figures come from",
+         "device": {"sigma_program": 0.05, "clip": true, "g_min_us": 5, "g_max_us": 50},
+         "drift": {"model": "constant", "nu_mean": 0.02, "nu_std": 0.01, "t0": 20},
+         "faults": {"p_stuck_min": 0.0175, "p_stuck_max": 0.0904}}
+
+    ``device`` (required) takes the fields of :class:`DeviceConfig`, or a
+    published fit in microsiemens as ``sigma_poly_us`` (ascending
+    coefficients) with ``sigma_poly_variable`` ``"g_us"`` (default) or
+    ``"g_over_gmax"`` (converted by :func:`normalize_sigma_poly`); ``drift``
+    and ``faults`` (optional, ``null`` for none) the fields of
+    :class:`DriftConfig` and :class:`StuckAtConfig`. ``name`` defaults to the
+    file's stem.
+
+    Raises:
+      ValueError: not JSON, unknown keys (named, with the file), a negative
+        sigma or rate, ``g_min_us >= g_max_us``, any value a config rejects;
+        every message starts with the file's path.
+      OSError: the file cannot be read.
+    """
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        raw = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"{path}: not a JSON preset file: {err}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a preset file holds one JSON object, got "
+                         f"{type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_PRESET_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown key {unknown[0]!r} (allowed: {list(_PRESET_KEYS)})")
+    if "device" not in raw:
+        raise ValueError(f"{path}: missing key 'device' (the DeviceConfig fields)")
+    name = raw.get("name", os.path.splitext(os.path.basename(path))[0])
+    source = raw.get("source", f"user preset file {os.path.basename(path)}")
+    for key, val in (("name", name), ("source", source)):
+        if not isinstance(val, str):
+            raise ValueError(f"{path}: {key} must be a string, got {val!r}")
+    dev = dict(raw["device"]) if isinstance(raw["device"], dict) else raw["device"]
+    if isinstance(dev, dict):
+        dev.setdefault("name", name)
+    device = _section(path, "device", dev, DeviceConfig)
+    drift = None if raw.get("drift") is None else _section(path, "drift", raw["drift"],
+                                                           DriftConfig)
+    faults = None if raw.get("faults") is None else _section(path, "faults", raw["faults"],
+                                                             StuckAtConfig)
+    return DevicePreset(device, drift=drift, faults=faults, source=source)
+
+
+def resolve_preset(name_or_path: str) -> DevicePreset:
+    """A built-in preset by name (:func:`preset_names`) or a preset file
+    (:func:`load_preset`: a path ending in ``.json``)."""
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ValueError(f"device must be a preset name {list(preset_names())} or a .json "
+                         f"preset file, got {name_or_path!r}")
+    if name_or_path.endswith(".json") or os.sep in name_or_path:
+        return load_preset(name_or_path)
+    if name_or_path not in PRESETS:
+        raise ValueError(f"device must be one of {list(preset_names())} or a .json preset "
+                         f"file, got {name_or_path!r}")
+    return PRESETS[name_or_path]
+
+
+def preset_to_dict(p: DevicePreset) -> dict[str, Any]:
+    """A preset's every value as JSON-able data (the format :func:`load_preset`
+    reads, with ``sigma_poly`` in normalized units): a results row's identity."""
+    def obj(x: Any) -> Any:
+        return None if x is None else {k: (list(val) if isinstance(val, tuple) else val)
+                                       for k, val in dataclasses.asdict(x).items()}
+    return {"name": p.device.name, "source": p.source, "device": obj(p.device),
+            "drift": obj(p.drift), "faults": obj(p.faults)}
+
+
+def describe_preset(p: DevicePreset) -> str:
+    """A Markdown block of a preset's values and sources (for ``summary.md``)."""
+    d = p.device
+    lines = [f"### Device preset `{d.name}`", "", f"source: {p.source or 'not given'}", "",
+             "| quantity | value |", "|---|---|",
+             f"| conductance range | {d.g_min_us:.4g} to {d.g_max_us:.4g} uS |",
+             f"| clipped to range | {'yes' if d.clip else 'no'} |"]
+    if d.variation == "polynomial":
+        poly = " + ".join(f"{c:.4g} x^{i}" if i else f"{c:.4g}"
+                          for i, c in enumerate(d.sigma_poly))
+        lines.append(f"| programming sigma (full scale, x = level) | max({poly}, 0) |")
+    else:
+        lines.append(f"| programming sigma ({d.variation}) | {d.sigma_program:g} |")
+    lines.append(f"| pulse sigma ({d.pulse_variation}) | {d.sigma_pulse:g} |")
+    lines.append(f"| read sigma | {d.sigma_read:g} |")
+    if p.drift is None:
+        lines.append("| drift | none |")
+    elif p.drift.model == "pcm":
+        lines.append(f"| drift | PCM, nu = abs(N(mu_nu(x), sigma_nu(x))), "
+                     f"mu_nu = clip(-0.0155 ln x + 0.0244, 0.049, 0.1), "
+                     f"sigma_nu = clip(-0.0125 ln x - 0.0059, 0.008, 0.045), "
+                     f"x = G/g_max, t0 = {p.drift.t0:g} s |")
+    else:
+        lines.append(f"| drift | nu = max(N({p.drift.nu_mean:g}, {p.drift.nu_std:g}), 0), "
+                     f"t0 = {p.drift.t0:g} s |")
+    if p.faults is None:
+        lines.append("| stuck-at faults | none in the preset |")
+    else:
+        lines.append(f"| stuck-at faults | {100 * p.faults.p_stuck_min:g} % at g_min, "
+                     f"{100 * p.faults.p_stuck_max:g} % at g_max |")
+    return "\n".join(lines) + "\n"

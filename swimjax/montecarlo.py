@@ -36,11 +36,18 @@ How the work is laid out (see :func:`plan`):
   results are dropped), plus one group, first, that evaluates the clean
   parameters; groups are ordered state by state.
   About ``chunk_size`` runs (whole groups, a multiple of the device count) form
-  one dispatched call, sharded over all local devices (a 1-D ``Mesh`` over
-  ``jax.local_devices()``, axis ``"runs"``, keys sharded on the run axis);
+  one dispatched call, sharded over all devices (a 1-D ``Mesh`` over
+  ``jax.devices()``, axis ``"runs"``, keys sharded on the run axis);
   each device loops (``lax`` ``while``) over its groups. Groups a device has no
   work for in the last call are skipped, not computed. One program is
   compiled per set of functions and shapes, and cached.
+* **processes.** In a multi-process run (``jax.distributed.initialize``: GPU
+  or TPU hosts, or CPU processes with gloo collectives) ``jax.devices()``
+  holds every process's devices: each process computes the groups of its own
+  devices, the per-run results are gathered, and every process returns the
+  same :class:`MCResult`, equal to a one-process run with the same devices
+  count (the groups and their keys do not depend on where they run). Every
+  process must make the same call with the same arguments.
 
 Device memory is bounded by one group: ``vmap_size * (perturbed parameters +
 batch_size * activations per example)``, estimated from the jaxprs of
@@ -150,6 +157,12 @@ class Summary(NamedTuple):
     ``p1``/``p5`` are the 1st/5th percentiles with linear interpolation
     (``numpy.percentile``'s default, ``method="linear"``), the realistic worst
     case of a chip.
+
+    Tail metrics: ``percentiles`` holds the k-th percentile performance (KPP)
+    for every ``k`` asked of :func:`summarize` as ``(k, accuracy)`` pairs
+    (``kpp(k)`` looks one up; 1 and 5 always); ``threshold`` is the accuracy
+    asked about and ``p_below`` the fraction of runs whose accuracy is
+    strictly below it (both ``None`` when no threshold was given).
     """
 
     mean: float
@@ -160,6 +173,19 @@ class Summary(NamedTuple):
     min: float
     max: float
     n_runs: int
+    percentiles: tuple[tuple[float, float], ...] = ()
+    threshold: float | None = None
+    p_below: float | None = None
+
+    def kpp(self, k: float = 1.0) -> float:
+        """The k-th percentile performance: the accuracy that all but ``k`` %
+        of the runs reach (``k`` one of those given to :func:`summarize`)."""
+        for kk, value in self.percentiles:
+            if kk == float(k):
+                return value
+        raise ValueError(f"k must be one of the percentiles summarized "
+                         f"{[kk for kk, _ in self.percentiles]}, got {k!r}; pass it to "
+                         f"summarize(accuracy, kpp=...)")
 
 
 class MCResult(NamedTuple):
@@ -243,22 +269,42 @@ class Plan:
 # Statistics
 # ----------------------------------------------------------------------------
 
-def summarize(accuracy: Any) -> Summary:
+def summarize(accuracy: Any, *, kpp: Sequence[float] = (1.0, 5.0),
+              threshold: float | None = None) -> Summary:
     """Summary statistics of a 1-D array of per-run accuracies.
 
+    Args:
+      accuracy: per-run accuracies.
+      kpp: percentiles ``k`` (each in [0, 100]) whose k-th percentile
+        performance is recorded in ``Summary.percentiles`` (1 and 5 are
+        always included; linear interpolation as ``p1``/``p5``).
+      threshold: an accuracy; ``Summary.p_below`` is the fraction of runs
+        strictly below it (``None``: not computed).
+
     Raises:
-      ValueError: empty or non-finite ``accuracy``.
+      ValueError: empty or non-finite ``accuracy``, ``k`` outside [0, 100], a
+        non-finite threshold.
     """
     a = np.asarray(accuracy, dtype=np.float64).reshape(-1)
     if a.size < 1:
         raise ValueError("accuracy must hold at least one run, got an empty array")
     if not np.all(np.isfinite(a)):
         raise ValueError("accuracy must be finite")
+    ks = sorted({1.0, 5.0} | {v.check_range("kpp", k, 0.0, 100.0) for k in kpp})
+    p_below = None
+    if threshold is not None:
+        threshold = v.check_range("threshold", threshold)
+        if not math.isfinite(threshold):
+            raise ValueError(f"threshold must be finite, got {threshold!r}")
+        p_below = float(np.mean(a < threshold))
     n = a.size
     std = float(np.std(a, ddof=1)) if n > 1 else 0.0
-    p1, p5 = np.percentile(a, [1.0, 5.0], method="linear")
-    return Summary(mean=float(a.mean()), std=std, sem=std / math.sqrt(n), p1=float(p1),
-                   p5=float(p5), min=float(a.min()), max=float(a.max()), n_runs=n)
+    values = np.percentile(a, ks, method="linear")
+    pct = tuple((k, float(x)) for k, x in zip(ks, values))
+    table = dict(pct)
+    return Summary(mean=float(a.mean()), std=std, sem=std / math.sqrt(n), p1=table[1.0],
+                   p5=table[5.0], min=float(a.min()), max=float(a.max()), n_runs=n,
+                   percentiles=pct, threshold=threshold, p_below=p_below)
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -399,7 +445,7 @@ def plan(apply_fn: ApplyFn, params: Any, perturb_fn: Perturbation | PerturbFn | 
         v.check_int("batch_size", batch_size, 1, None)
     if vmap_size is not None:
         v.check_int("vmap_size", vmap_size, 1, None)
-    devices = list(jax.local_devices() if devices is None else devices)
+    devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("devices must hold at least one device")
     platform = _platform(devices)
@@ -570,7 +616,7 @@ def _group_metrics(apply_r: Callable, loss_fn: LossFn, params_r: Any, xb: jax.Ar
 
 
 def _device_fn(apply_fn: ApplyFn, perturb_fn: PerturbFn, loss_fn: LossFn, vmap_size: int,
-               lowering: str, forward_keys: bool = False):
+               lowering: str, forward_keys: bool = False, key_impl: str | None = None):
     """Per-device body: loop over this device's groups of ``vmap_size`` runs.
 
     Every group runs the same vmapped body: draw ``vmap_size`` perturbed
@@ -589,6 +635,8 @@ def _device_fn(apply_fn: ApplyFn, perturb_fn: PerturbFn, loss_fn: LossFn, vmap_s
         return _group_metrics(apply_r, loss_fn, q, xb, yb, mb)
 
     def body(keys, clean, sidx, n_groups, params, states, xb, yb, mb):
+        if key_impl is not None:  # keys travel as raw key data (multi-process transfers)
+            keys = jax.random.wrap_key_data(keys, impl=key_impl)
         g_max = keys.shape[0] // vmap_size
         keys = keys.reshape(g_max, vmap_size, *keys.shape[1:])
         clean = clean.reshape(g_max, vmap_size)
@@ -608,13 +656,14 @@ def _device_fn(apply_fn: ApplyFn, perturb_fn: PerturbFn, loss_fn: LossFn, vmap_s
 
 @functools.lru_cache(maxsize=32)
 def _chunk_fn(apply_fn: ApplyFn, perturb_fn: PerturbFn, loss_fn: LossFn, vmap_size: int,
-              lowering: str, devices: tuple, forward_keys: bool = False
-              ) -> tuple[Callable, Mesh]:
+              lowering: str, devices: tuple, forward_keys: bool = False,
+              key_impl: str | None = None) -> tuple[Callable, Mesh]:
     """The jitted, sharded chunk program (cached, so repeated evaluations of the
     same functions compile once, whatever the masks and sigmas in the states)."""
     mesh = Mesh(np.array(devices), (_AXIS,))
     fn = jax.jit(jax.shard_map(
-        _device_fn(apply_fn, perturb_fn, loss_fn, vmap_size, lowering, forward_keys), mesh=mesh,
+        _device_fn(apply_fn, perturb_fn, loss_fn, vmap_size, lowering, forward_keys, key_impl),
+        mesh=mesh,
         in_specs=(PartitionSpec(_AXIS),) * 4 + (PartitionSpec(),) * 5,
         out_specs=(PartitionSpec(_AXIS), PartitionSpec(_AXIS)), check_vma=False))
     return fn, mesh
@@ -632,6 +681,25 @@ def _batches(x: jax.Array, y: jax.Array, batch_size: int):
         mask[n:] = False
     return (x.reshape(nb, batch_size, *x.shape[1:]), y.reshape(nb, batch_size),
             jnp.asarray(mask.reshape(nb, batch_size)))
+
+
+def _put(tree: Any, sharding: NamedSharding) -> Any:
+    """``tree`` on ``sharding``'s devices. With several processes (a
+    ``jax.distributed`` run) the mesh spans devices this process cannot
+    address, so every process builds its shards from the same host values."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(
+        lambda a: jax.make_array_from_callback(
+            np.shape(a), sharding, lambda idx, a=np.asarray(a): a[idx]), tree)
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-process) sharded result, whole, on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _resolve_perturbation(perturbation: Perturbation | PerturbFn) -> PerturbFn:
@@ -775,7 +843,7 @@ def iter_many(key: jax.Array, apply_fn: ApplyFn, params: Any,
     stacked = _stack_states(states)
     _check_data(apply_fn, params, x, y, forward_keys)
     loss_fn = loss_fn or softmax_cross_entropy
-    devices = jax.local_devices()
+    devices = jax.devices()  # every process's devices: the runs are split over all of them
     pl = plan(apply_fn, params, fn, x, n_runs, chunk_size=chunk_size,
               batch_size=batch_size, vmap_size=vmap_size, memory_budget=memory_budget,
               devices=devices, key=key, lowering=lowering, state=states[0],
@@ -787,15 +855,20 @@ def iter_many(key: jax.Array, apply_fn: ApplyFn, params: Any,
     valid_per_dev = gpc // n_dev
     n_states, per_call = len(states), pl.states_per_call
 
+    run_keys = jax.random.split(key, n_runs)
+    key_impl = None
+    if jax.dtypes.issubdtype(run_keys.dtype, jax.dtypes.prng_key):
+        key_impl = str(jax.random.key_impl(run_keys))
+        run_keys = jax.random.key_data(run_keys)
+    run_keys = np.asarray(run_keys)
     chunk_fn, mesh = _cached(_chunk_fn, apply_fn, fn, loss_fn, w, pl.lowering, tuple(devices),
-                             forward_keys)
+                             forward_keys, key_impl)
     runs = NamedSharding(mesh, PartitionSpec(_AXIS))
     replicated = NamedSharding(mesh, PartitionSpec())
     xb, yb, mb = _batches(jnp.asarray(x), jnp.asarray(y), pl.batch_size)
     if forward_keys:  # the example indices travel with the inputs
         xb = (xb, jnp.arange(mb.size, dtype=jnp.int32).reshape(mb.shape))
-    params_r, xb, yb, mb = jax.device_put((params, xb, yb, mb), replicated)
-    run_keys = jax.random.split(key, n_runs)
+    params_r, xb, yb, mb = _put((params, xb, yb, mb), replicated)
     # Device d of a call takes groups [d*gpc/n_dev, (d+1)*gpc/n_dev) of the chunk,
     # laid out in its first per_dev compiled groups.
     layout = (np.arange(n_dev)[:, None] * valid_per_dev
@@ -810,14 +883,13 @@ def iter_many(key: jax.Array, apply_fn: ApplyFn, params: Any,
     if progress is not False:
         from tqdm.auto import tqdm
         bar = tqdm(total=pl.n_chunks, desc="Monte-Carlo", unit="chunk", leave=False,
-                   disable=None if progress is None else False)
+                   disable=(jax.process_index() != 0) or (None if progress is None else False))
     next_state = 0
     for groups in blocks:
         s0 = max(0, groups[-1][0] // per_call * per_call)
         block = list(range(s0, min(n_states, s0 + per_call)))
         block += [block[-1]] * (per_call - len(block))  # pad: same shapes, one program
-        states_r = jax.device_put(jax.tree.map(lambda a: a[np.asarray(block)], stacked),
-                                  replicated)
+        states_r = _put(jax.tree.map(lambda a: a[np.asarray(block)], stacked), replicated)
         g_state = np.array([max(s, s0) - s0 for s, _ in groups], np.int32)
         g_clean = np.array([s < 0 for s, _ in groups])
         g_run0 = np.array([j * w for _, j in groups])
@@ -826,13 +898,13 @@ def iter_many(key: jax.Array, apply_fn: ApplyFn, params: Any,
             gi = g0 + np.minimum(layout, m - 1)  # group of each compiled slot group
             slot_run = np.minimum(g_run0[gi][:, None] + np.arange(w)[None, :], n_runs - 1)
             n_run_groups = np.clip(m - valid_per_dev * np.arange(n_dev), 0, valid_per_dev)
-            cr, ls = chunk_fn(jax.device_put(run_keys[slot_run.reshape(-1)], runs),
-                              jax.device_put(np.repeat(g_clean[gi], w), runs),
-                              jax.device_put(g_state[gi], runs),
-                              jax.device_put(n_run_groups.astype(np.int32), runs),
+            cr, ls = chunk_fn(_put(run_keys[slot_run.reshape(-1)], runs),
+                              _put(np.repeat(g_clean[gi], w), runs),
+                              _put(g_state[gi], runs),
+                              _put(n_run_groups.astype(np.int32), runs),
                               params_r, states_r, xb, yb, mb)
-            cr = np.asarray(cr).reshape(n_dev, per_dev, w)
-            ls = np.asarray(ls).reshape(n_dev, per_dev, w)
+            cr = _gather(cr).reshape(n_dev, per_dev, w)
+            ls = _gather(ls).reshape(n_dev, per_dev, w)
             for d in range(n_dev):  # copy back the groups each device ran
                 for k in range(int(n_run_groups[d])):
                     s, j = groups[g0 + d * valid_per_dev + k]

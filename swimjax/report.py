@@ -132,3 +132,247 @@ def summary_markdown(rows: Sequence[Row], title: str = "SWIM sweep", tolerance: 
                      f"{sp:.1f} |" if np.isfinite(sp) else f"| {method} | {fmt(grid)} | "
                      f"{fmt(interp)} | - |")
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------
+# D-NAT: accuracy of each trained model on the ideal macro and under the
+# error model (rows of swimjax.dnat: training, gradient, quantizer, clean_acc,
+# acc_mean, acc_sem, acc_p5, float_acc)
+# ----------------------------------------------------------------------------
+
+def _dnat_label(r: Row) -> str:
+    parts = [r["training"]]
+    if r["gradient"] != "-":
+        parts.append(r["gradient"])
+    parts.append(r["quantizer"])
+    return " / ".join(parts)
+
+
+def plot_dnat(rows: Sequence[Row], path: str | os.PathLike, title: str = "") -> None:
+    """Bars per trained model: ideal-macro accuracy and the mean (with its
+    standard error) and 5th percentile under the error model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(rows)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(rows) + 2), 4.5))
+    xs = np.arange(len(rows))
+    ax.bar(xs - 0.2, [100 * r["clean_acc"] for r in rows], 0.4, label="ideal macro")
+    ax.bar(xs + 0.2, [100 * r["acc_mean"] for r in rows], 0.4,
+           yerr=[100 * r["acc_sem"] for r in rows], label="under the error model (mean)")
+    ax.plot(xs + 0.2, [100 * r["acc_p5"] for r in rows], "k_", ms=14,
+            label="under the error model (5th pct)")
+    if rows:
+        ax.axhline(100 * rows[0]["float_acc"], color="gray", ls=":", label="floating point")
+    ax.set_xticks(xs, [_dnat_label(r) for r in rows], rotation=20, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def dnat_summary_markdown(rows: Sequence[Row], title: str = "D-NAT") -> str:
+    """A Markdown table of the trained models, and the gaps the paper reports:
+    each model's drop under the error model, and how far it stays from the
+    quantization-aware model's ideal accuracy."""
+    rows = list(rows)
+    lines = [f"# {title}", ""]
+    if rows:
+        lines.append(f"floating-point accuracy {100 * rows[0]['float_acc']:.2f}%")
+    qat = [r for r in rows if r["training"] == "qat"]
+    upper = qat[0]["clean_acc"] if qat else None
+    if upper is not None:
+        lines.append(f"quantization-aware model on the ideal macro (the upper bound): "
+                     f"{100 * upper:.2f}%")
+    lines += ["", "| training | gradient | DAC bounds | ideal macro (%) | under the error model "
+              "(%) | sem | p1 | p5 | gap to the upper bound (points) | training s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        gap = "-" if upper is None else f"{100 * (upper - r['acc_mean']):.2f}"
+        lines.append(f"| {r['training']} | {r['gradient']} | {r['quantizer']} | "
+                     f"{100 * r['clean_acc']:.2f} | {100 * r['acc_mean']:.2f} | "
+                     f"{100 * r['acc_sem']:.2f} | {100 * r['acc_p1']:.2f} | "
+                     f"{100 * r['acc_p5']:.2f} | {gap} | {r.get('train_seconds', 0):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------
+# Reliability experiments (swimjax.reliability): drift over time, stuck-at faults
+# ----------------------------------------------------------------------------
+
+_SCHEME_NAMES = {"none": "no write-verify", "swim": "SWIM", "full": "full write-verify"}
+
+
+def _scheme_label(r: Row) -> str:
+    name = _SCHEME_NAMES.get(r["scheme"], r["scheme"])
+    if r["scheme"] == "swim":
+        name += f" {100 * r['budget']:g} %"
+    return name
+
+
+def _save(fig: Any, path: str | os.PathLike) -> None:
+    import matplotlib.pyplot as plt
+    tmp = os.fspath(path) + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _curves(rows: Sequence[Row], x_field: str, split_field: str | None
+            ) -> dict[tuple[str, Any], list[Row]]:
+    out: dict[tuple[str, Any], list[Row]] = {}
+    for r in rows:
+        out.setdefault((r["scheme"], r.get(split_field) if split_field else None), []).append(r)
+    for k in out:
+        out[k].sort(key=lambda r: r[x_field])
+    order = {"none": 0, "swim": 1, "full": 2}
+    return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0][0], 9), str(kv[0][1]))))
+
+
+def plot_accuracy_vs_time(rows: Sequence[Row], path: str | os.PathLike, title: str = "") -> None:
+    """Writes a PNG: accuracy (mean solid with a +-std band, 1st percentile
+    dotted) against the time after programming (log axis), one colour per
+    write-verify scheme, compensated (thick) and uncompensated (thin, dashed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.8, 4.6), dpi=120)
+    colors = {"none": "tab:red", "swim": "tab:blue", "full": "tab:green"}
+    for (scheme, comp), pts in _curves(rows, "t_seconds", "compensated").items():
+        c = colors.get(scheme, "k")
+        x = np.array([max(r["t_seconds"], 1e-3) for r in pts])
+        mean = 100 * np.array([r["acc_mean"] for r in pts])
+        std = 100 * np.array([r["acc_std"] for r in pts])
+        p1 = 100 * np.array([r["acc_p1"] for r in pts])
+        label = f"{_scheme_label(pts[0])}, {'compensated' if comp else 'uncompensated'}"
+        ax.plot(x, mean, "o-" if comp else "s--", color=c, lw=1.8 if comp else 1.0, ms=3,
+                label=label)
+        ax.fill_between(x, mean - std, mean + std, color=c, alpha=0.10, lw=0)
+        ax.plot(x, p1, ":", color=c, lw=0.8)
+    ticks = [(1.0, "1 s"), (60.0, "1 min"), (3600.0, "1 h"), (86400.0, "1 day"),
+             (2592000.0, "1 month"), (31536000.0, "1 year"), (315360000.0, "10 y")]
+    ax.set_xscale("log")
+    ax.set_xticks([t for t, _ in ticks], [n for _, n in ticks], fontsize=7)
+    ax.set_xlabel("time after programming (dotted: 1st percentile)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=6.5, loc="lower left")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_accuracy_vs_faults(rows: Sequence[Row], path: str | os.PathLike, title: str = ""
+                            ) -> None:
+    """Writes a PNG: accuracy (mean with a +-std band, 1st percentile dotted)
+    against the percentage of stuck devices, one line per write-verify scheme."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    colors = {"none": "tab:red", "swim": "tab:blue", "full": "tab:green"}
+    for (scheme, _), pts in _curves(rows, "p_stuck", None).items():
+        c = colors.get(scheme, "k")
+        x = 100 * np.array([r["p_stuck"] for r in pts])
+        mean = 100 * np.array([r["acc_mean"] for r in pts])
+        std = 100 * np.array([r["acc_std"] for r in pts])
+        p1 = 100 * np.array([r["acc_p1"] for r in pts])
+        ax.plot(x, mean, "o-", color=c, ms=3, label=_scheme_label(pts[0]))
+        ax.fill_between(x, mean - std, mean + std, color=c, alpha=0.12, lw=0)
+        ax.plot(x, p1, ":", color=c, lw=0.9)
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlabel("stuck devices (%; half at g_min, half at g_max; dotted: 1st percentile)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * x:.2f}" if isinstance(x, (int, float)) else "-"
+
+
+def _tail_header(rows: Sequence[Row]) -> tuple[str, str]:
+    k = next((r.get("kpp") for r in rows if r.get("kpp") is not None), 1.0)
+    thr = next((r.get("threshold") for r in rows if r.get("threshold") is not None), None)
+    return f"KPP{k:g}", ("P(acc < " + (_pct(thr) + "%)" if thr is not None else "thr.)"))
+
+
+def drift_summary_markdown(rows: Sequence[Row], title: str = "Drift",
+                           preset_markdown: str = "") -> str:
+    """A Markdown summary of a drift experiment: accuracy (mean, p1, p5, KPP,
+    probability below the threshold) per scheme, compensation and time, and a
+    compact table of the mean at every time."""
+    kname, pname = _tail_header(rows)
+    lines = [f"# {title}", ""]
+    if rows:
+        lines.append(f"clean accuracy {_pct(rows[0]['clean_acc'])}%")
+    lines += ["", "| scheme | compensated | time | acc mean (%) | std | sem | p1 | p5 | "
+              f"{kname} | {pname} | runs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    curves = _curves(rows, "t_seconds", "compensated")
+    for (_, comp), pts in curves.items():
+        for r in pts:
+            pb = r.get("p_below_threshold")
+            lines.append(
+                f"| {_scheme_label(r)} | {'yes' if comp else 'no'} | {r['t_label']} | "
+                f"{_pct(r['acc_mean'])} | {_pct(r['acc_std'])} | {_pct(r['acc_sem'])} | "
+                f"{_pct(r['acc_p1'])} | {_pct(r['acc_p5'])} | {_pct(r.get('acc_kpp'))} | "
+                f"{'-' if pb is None else f'{pb:.2f}'} | {r['mc_runs']} |")
+    times = sorted({r["t_seconds"] for r in rows})
+    labels = {r["t_seconds"]: r["t_label"] for r in rows}
+    lines += ["", "## Mean accuracy (%) against time (1st percentile in brackets)", "",
+              "| scheme | compensated | " + " | ".join(labels[t] for t in times) + " |",
+              "|---|---|" + "---|" * len(times)]
+    for (_, comp), pts in curves.items():
+        by_t = {r["t_seconds"]: r for r in pts}
+        cells = [f"{_pct(by_t[t]['acc_mean'])} ({_pct(by_t[t]['acc_p1'])})" if t in by_t
+                 else "-" for t in times]
+        lines.append(f"| {_scheme_label(pts[0])} | {'yes' if comp else 'no'} | "
+                      + " | ".join(cells) + " |")
+    if preset_markdown:
+        lines += ["", preset_markdown.rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def faults_summary_markdown(rows: Sequence[Row], title: str = "Stuck-at faults",
+                            preset_markdown: str = "") -> str:
+    """A Markdown summary of a stuck-at experiment: accuracy (mean, p1, p5,
+    KPP, probability below the threshold), stuck and failed devices and
+    measured write cycles per scheme and fault rate."""
+    kname, pname = _tail_header(rows)
+    lines = [f"# {title}", ""]
+    if rows:
+        r0 = rows[0]
+        lines.append(f"clean accuracy {_pct(r0['clean_acc'])}%; explicit write-verify: "
+                     f"tolerance {r0.get('wv_tolerance', float('nan')):.4f}, budget "
+                     f"{r0.get('wv_max_pulses')} pulses; counts from one programming pass "
+                     f"per point")
+    lines += ["", "| scheme | stuck (%) | acc mean (%) | std | sem | p1 | p5 | "
+              f"{kname} | {pname} | stuck devices | verified devices | failed devices | "
+              "write cycles | NWC (cycles) | runs |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for _, pts in _curves(rows, "p_stuck", None).items():
+        for r in pts:
+            pb = r.get("p_below_threshold")
+            nwc = r.get("nwc_cycles")
+            lines.append(
+                f"| {_scheme_label(r)} | {100 * r['p_stuck']:g} | {_pct(r['acc_mean'])} | "
+                f"{_pct(r['acc_std'])} | {_pct(r['acc_sem'])} | {_pct(r['acc_p1'])} | "
+                f"{_pct(r['acc_p5'])} | {_pct(r.get('acc_kpp'))} | "
+                f"{'-' if pb is None else f'{pb:.2f}'} | {r.get('stuck_devices', '-')} | "
+                f"{r.get('verified_devices', '-')} | {r.get('failed_devices', '-')} | "
+                f"{r.get('total_cycles', '-')} | "
+                f"{'-' if nwc is None else f'{nwc:.4f}'} | {r['mc_runs']} |")
+    if preset_markdown:
+        lines += ["", preset_markdown.rstrip()]
+    return "\n".join(lines) + "\n"

@@ -461,3 +461,146 @@ def test_preset_catalogue():
     with pytest.raises(ValueError, match="name"):
         dv.preset("flash")
     assert dv.STUCK_AT_CHEN2015.p_stuck_min == 0.0175
+
+
+# ---------------------------------------------------------------------------
+# Drift of the physical conductance, compensation, stuck rates as data
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("t_after", [1.0, 3600.0, 86400.0, 31536000.0, 315360000.0])
+@pytest.mark.parametrize("drift_cfg, g_min_us, g_max_us, x_norm", [
+    (DriftConfig(model="pcm"), 0.0, 25.0, 0.6),
+    (DriftConfig(model="pcm"), 0.0, 25.0, 0.05),
+    (DriftConfig(nu_mean=0.05, nu_std=0.05), 8.0, 90.0, 0.3),   # g_min > 0, nu clipped at 0
+])
+def test_drift_mean_and_std_against_closed_form(t_after, drift_cfg, g_min_us, g_max_us,
+                                                x_norm):
+    device = DeviceConfig(g_min_us=g_min_us, g_max_us=g_max_us)
+    g = jnp.full((N,), x_norm)
+    nu = dv.sample_nu_physical(jax.random.key(21), g, drift_cfg, device)
+    g_t = np.asarray(dv.drift_conductance(g, nu, t_after, drift_cfg, device), np.float64)
+    G_t = g_min_us + g_t * (g_max_us - g_min_us)        # microsiemens, g_min included
+    G0 = g_min_us + x_norm * (g_max_us - g_min_us)
+    mean, std = dv.drift_moments(G0, t_after, drift_cfg, g_max_us)
+    assert abs(G_t.mean() - mean) <= Z * std / math.sqrt(N) + 1e-6 * G0
+    assert abs(G_t.var() - std ** 2) <= Z * _var_se(G_t) + 1e-9
+    # the level of the PCM model is the physical G / g_max
+    mu, _ = dv.nu_stats(jnp.array([G0 / g_max_us]), drift_cfg)
+    mu2, _ = dv.nu_stats(jnp.array([x_norm]), drift_cfg)
+    if g_min_us == 0.0:
+        assert float(mu[0]) == float(mu2[0])
+
+
+def test_drift_acts_on_physical_conductance_with_g_min():
+    device = DeviceConfig(g_min_us=10.0, g_max_us=50.0)
+    cfg = DriftConfig(nu_mean=0.1, nu_std=0.0)
+    g = jnp.array([0.0, 0.5, 1.0])
+    nu = dv.sample_nu_physical(jax.random.key(0), g, cfg, device)
+    t = 20.0 * (1e4 - 1.0)                       # (t + t0) / t0 = 1e4
+    got = np.asarray(dv.drift_conductance(g, nu, t, cfg, device))
+    G = 10.0 + np.array([0.0, 0.5, 1.0]) * 40.0
+    np.testing.assert_allclose(got, (G * 1e4 ** -0.1 - 10.0) / 40.0, rtol=1e-5)
+    assert got[0] < 0.0            # a device at g_min drifts below it
+    np.testing.assert_array_equal(np.asarray(dv.drift_conductance(g, nu, 0.0, cfg, device)),
+                                  np.asarray(g))
+    with pytest.raises(ValueError, match="t_after"):
+        dv.drift_conductance(g, nu, -1.0, cfg, device)
+
+
+def test_compensation_exact_for_uniform_drift():
+    device = DeviceConfig(g_min_us=5.0, g_max_us=45.0)
+    cfg = DriftConfig(nu_mean=0.07, nu_std=0.0)
+    g_pos = jax.random.uniform(jax.random.key(1), (4, 300))
+    g_neg = jax.random.uniform(jax.random.key(2), (4, 300))
+    out = []
+    for g in (g_pos, g_neg):
+        nu = dv.sample_nu_physical(jax.random.key(3), g, cfg, device)
+        out.append(dv.drift_conductance(g, nu, 3.0e7, cfg, device))
+    alpha = dv.drift_compensation(jnp.stack([g_pos, g_neg]), jnp.stack(out), device)
+    assert float(alpha) == pytest.approx(((3.0e7 + 20.0) / 20.0) ** 0.07, rel=1e-5)
+    # a differential pair reads G+ - G-: g_min cancels and the compensated read is exact
+    w0 = np.asarray(g_pos - g_neg)
+    w_t = np.asarray(out[0] - out[1]) * float(alpha)
+    np.testing.assert_allclose(w_t, w0, rtol=1e-4, atol=1e-5)
+
+
+def test_stuck_from_uniform_matches_sample_stuck_and_nests():
+    u = jax.random.uniform(jax.random.key(11), (N,))
+    st = dv.stuck_from_uniform(u, 0.0175, 0.0904)
+    ref = dv.sample_stuck(jax.random.key(11), (N,), StuckAtConfig(0.0175, 0.0904))
+    np.testing.assert_array_equal(np.asarray(st.at_min), np.asarray(ref.at_min))
+    np.testing.assert_array_equal(np.asarray(st.at_max), np.asarray(ref.at_max))
+    rates = jnp.array([0.001, 0.01, 0.05])
+    maps = jax.vmap(lambda p: dv.stuck_from_uniform(u, p / 2, p / 2))(rates)
+    stuck = np.asarray(maps.at_min | maps.at_max)
+    for i, p in enumerate(np.asarray(rates)):
+        assert abs(stuck[i].mean() - p) <= Z * math.sqrt(p * (1 - p) / N)
+        assert abs(np.asarray(maps.at_min[i]).mean() - p / 2) <= Z * math.sqrt(p / 2 / N)
+    assert np.all(stuck[0] <= stuck[1]) and np.all(stuck[1] <= stuck[2])   # nested
+
+
+# ---------------------------------------------------------------------------
+# Preset files
+# ---------------------------------------------------------------------------
+
+def _write(tmp_path, obj, name="dev.json"):
+    import json
+    path = tmp_path / name
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return str(path)
+
+
+def test_load_preset_round_trip_and_names(tmp_path):
+    path = _write(tmp_path, {
+        "name": "my_rram", "source": "lab chip 7",
+        "device": {"sigma_program": 0.05, "clip": True, "g_min_us": 5, "g_max_us": 50},
+        "drift": {"nu_mean": 0.02, "nu_std": 0.01},
+        "faults": {"p_stuck_min": 0.0175, "p_stuck_max": 0.0904}})
+    p = dv.load_preset(path)
+    assert p.device == DeviceConfig(sigma_program=0.05, clip=True, g_min_us=5.0, g_max_us=50.0,
+                                    name="my_rram")
+    assert p.drift == DriftConfig(nu_mean=0.02, nu_std=0.01)
+    assert p.faults == dv.STUCK_AT_CHEN2015 and p.source == "lab chip 7"
+    assert dv.resolve_preset(path) == p
+    # every preset's dict loads back to the same preset
+    for name in dv.preset_names():
+        d = dv.preset_to_dict(dv.PRESETS[name])
+        assert dv.load_preset(_write(tmp_path, d, f"{name}.json")) == dv.PRESETS[name]
+    assert set(dv.preset_names()) >= {"pcm", "rram", "fefet", "stt_mram", "swim"}
+    md = dv.describe_preset(p)
+    assert "my_rram" in md and "lab chip 7" in md and "5 to 50 uS" in md and "1.75 %" in md
+    # a published fit in microsiemens is normalized
+    q = dv.load_preset(_write(tmp_path, {"device": {
+        "sigma_poly_us": [0.0112185391, 0.01129027418], "g_min_us": 8, "g_max_us": 90,
+        "clip": True}}, "fit.json"))
+    assert q.device.sigma_poly == pytest.approx(dv.preset("rram").device.sigma_poly)
+    assert q.device.name == "fit" and q.drift is None
+
+
+@pytest.mark.parametrize("obj, match", [
+    ({"device": {"sigma_program": -0.1}}, r"dev\.json: device: sigma_program"),
+    ({"device": {"sigma_read": -1}}, "sigma_read"),
+    ({"device": {"g_min_us": 10, "g_max_us": 10}}, "g_max_us must be > g_min_us"),
+    ({"device": {"g_min_us": 20, "g_max_us": 10}}, "g_max_us must be > g_min_us"),
+    ({"device": {"sigma_program": 0.1, "sigma_prog": 0.1}}, r"unknown key device\.sigma_prog"),
+    ({"device": {}, "drift": {"nu": 0.1}}, r"unknown key drift\.nu"),
+    ({"device": {}, "colour": "red"}, "unknown key 'colour'"),
+    ({"device": {}, "drift": {"nu_std": -0.01}}, "nu_std"),
+    ({"device": {}, "faults": {"p_stuck_min": 0.7, "p_stuck_max": 0.6}}, "p_stuck_min"),
+    ({"drift": {}}, "missing key 'device'"),
+    ("[1, 2]", "one JSON object"),
+    ("{not json", "not a JSON preset file"),
+])
+def test_load_preset_rejects(tmp_path, obj, match):
+    path = _write(tmp_path, obj)
+    with pytest.raises(ValueError, match=match) as err:
+        dv.load_preset(path)
+    assert str(err.value).startswith(path)
+
+
+def test_resolve_preset_names_and_errors(tmp_path):
+    assert dv.resolve_preset("pcm") is dv.PRESETS["pcm"]
+    with pytest.raises(ValueError, match="one of"):
+        dv.resolve_preset("flash")
+    with pytest.raises(OSError):
+        dv.resolve_preset(str(tmp_path / "missing.json"))
