@@ -45,6 +45,10 @@ flags.DEFINE_list("trainings", list(_D.trainings), f"Any of {list(dnat.TRAININGS
 flags.DEFINE_list("gradients", list(_D.gradients), f"Any of {list(dnat.GRADIENTS)}.")
 flags.DEFINE_list("quantizers", list(_D.quantizers), f"DAC bounds, any of "
                   f"{list(quantizers.KINDS)}; the first is used by qat and anat.")
+flags.DEFINE_enum("start", _D.start, ["float", "qat"], "Where A-NAT and D-NAT fine-tuning "
+                  "starts: the floating-point model or the QAT model (needs qat in --trainings).")
+flags.DEFINE_float("calibration_percentile", _D.calibration_percentile, "Percentile of each "
+                   "macro layer's inputs that sets its initial DAC bounds, in (0, 100].")
 flags.DEFINE_integer("epochs", _D.epochs, "Fine-tuning epochs (qat, anat, dnat).")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Adam learning rate for fine-tuning.")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Fine-tuning batch size.")
@@ -61,7 +65,8 @@ def config_from_flags() -> dnat.DnatConfig:
         dac_bits=FLAGS.dac_bits, adc_bits=FLAGS.adc_bits, weight_bits=FLAGS.weight_bits,
         adc_range=FLAGS.adc_range, error_model=FLAGS.error_model, layers=FLAGS.layers,
         trainings=tuple(FLAGS.trainings), gradients=tuple(FLAGS.gradients),
-        quantizers=tuple(FLAGS.quantizers), epochs=FLAGS.epochs,
+        quantizers=tuple(FLAGS.quantizers), start=FLAGS.start,
+        calibration_percentile=FLAGS.calibration_percentile, epochs=FLAGS.epochs,
         learning_rate=FLAGS.learning_rate, batch_size=FLAGS.batch_size,
         mc_runs=FLAGS.mc_runs, progress=FLAGS.progress)
 

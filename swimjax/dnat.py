@@ -43,8 +43,8 @@ from absl import logging
 
 from swimjax import __version__ as swimjax_version
 from swimjax import _validation as v
-from swimjax import (crossbar, data as data_lib, mac_error, models, montecarlo, quantizers,
-                     report, results, sweep, training)
+from swimjax import (checkpoint, crossbar, data as data_lib, mac_error, models, montecarlo,
+                     quantizers, report, results, sweep, training)
 
 __all__ = ["DnatConfig", "Point", "points", "MacroModel", "run_dnat", "KEY_FIELDS",
            "TRAININGS", "GRADIENTS", "error_model_for"]
@@ -76,6 +76,15 @@ class DnatConfig:
       quantizers: DAC bound kinds (``"epact"``, ``"pact"``, ``"fixed"``); the
         first is used by ``qat`` and ``anat`` and with every gradient of
         ``dnat``, the others with ``dnat``'s first gradient.
+      start: where ``anat`` and ``dnat`` fine-tuning starts: ``"float"`` (the
+        floating-point model, DAC bounds calibrated on its activations) or
+        ``"qat"`` (the ``qat`` model: its weights, and its bounds where the
+        quantizer is of the same kind, else bounds calibrated on its weights;
+        needs ``"qat"`` in ``trainings``; the QAT model is kept in
+        ``out_dir`` so a resumed run does not train it again).
+      calibration_percentile: the percentile of each macro layer's inputs
+        that sets the initial upper (and, signed, lower) DAC bound, in
+        ``(0, 100]`` (:func:`swimjax.quantizers.calibrate`).
       epochs: fine-tuning epochs of ``qat``, ``anat`` and ``dnat``.
       learning_rate: Adam's learning rate for fine-tuning (weights and bounds).
       batch_size: fine-tuning batch size.
@@ -102,6 +111,8 @@ class DnatConfig:
     trainings: tuple[str, ...] = TRAININGS
     gradients: tuple[str, ...] = GRADIENTS
     quantizers: tuple[str, ...] = ("epact", "pact", "fixed")
+    start: str = "float"
+    calibration_percentile: float = 99.9
     epochs: int = 3
     learning_rate: float = 1e-3
     batch_size: int = 128
@@ -124,6 +135,11 @@ class DnatConfig:
                 or self.error_model.endswith((".npz", ".csv"))):
             raise ValueError(f"error_model must be one of {sorted(mac_error.PRESETS)} or a "
                              f".npz/.csv table file, got {self.error_model!r}")
+        v.check_choice("start", self.start, ("float", "qat"))
+        if self.start == "qat" and "qat" not in self.trainings:
+            raise ValueError(f"start='qat' needs 'qat' in trainings, got {list(self.trainings)}")
+        v.check_range("calibration_percentile", self.calibration_percentile, 0.0, 100.0,
+                      low_inclusive=False)
         v.check_int("epochs", self.epochs, 1, None)
         v.check_positive("learning_rate", self.learning_rate)
         v.check_int("batch_size", self.batch_size, 1, None)
@@ -270,6 +286,7 @@ def identity(config: DnatConfig, prep: sweep.Prepared) -> dict[str, Any]:
 
 def run_dnat(config: DnatConfig, out_dir: str) -> list[dict[str, Any]]:
     """Runs (or resumes) the experiment; returns this configuration's rows."""
+    error_model_for(config)  # a bad table file fails before any training
     os.makedirs(out_dir, exist_ok=True)
     res = results.ResultsFile(os.path.join(out_dir, "results.jsonl"), KEY_FIELDS)
     prep = sweep.prepare(config.sweep_config(), out_dir)
@@ -286,7 +303,7 @@ def run_dnat(config: DnatConfig, out_dir: str) -> list[dict[str, Any]]:
                                 quantizer=p.quantizer))]
     logging.info("%d of %d D-NAT points to run", len(todo), len(points(config)))
     if todo:
-        _run_points(config, prep, res, base, todo)
+        _run_points(config, prep, res, base, todo, out_dir)
     wanted = {(p.training, p.gradient, p.quantizer) for p in points(config)}
     rows = [r for r in results.select_rows(res.rows, config_id=cid)
             if (r["training"], r["gradient"], r["quantizer"]) in wanted]
@@ -300,7 +317,7 @@ def run_dnat(config: DnatConfig, out_dir: str) -> list[dict[str, Any]]:
 
 
 def _run_points(config: DnatConfig, prep: sweep.Prepared, res: results.ResultsFile,
-                base: dict[str, Any], todo: list[Point]) -> None:
+                base: dict[str, Any], todo: list[Point], out_dir: str) -> None:
     data, model, variables = prep.data, prep.model, prep.variables
     cfg = config.macro_config()
     em = error_model_for(config)
@@ -310,6 +327,8 @@ def _run_points(config: DnatConfig, prep: sweep.Prepared, res: results.ResultsFi
     root = jax.random.fold_in(jax.random.key(config.seed), 2)
     k_mc = jax.random.fold_in(root, 0)
     state = {k: val for k, val in variables.items() if k != "params"}
+    q0 = config.quantizers[0]
+    qat_cache: dict[str, Any] = {}
 
     def macros(qcfg, model_em, gradient):
         kw = dict(layers_pattern=config.layers)
@@ -320,26 +339,67 @@ def _run_points(config: DnatConfig, prep: sweep.Prepared, res: results.ResultsFi
                                    error_model=em, **kw)
         return train, ideal, noisy
 
+    def calibrated(net_params, paths, qcfg):
+        return crossbar.calibrate_bounds(model.apply_fn, {"params": net_params, **state},
+                                         x_cal, paths, qcfg,
+                                         percentile=config.calibration_percentile)
+
+    def fine_tune(p: Point, mm: MacroModel) -> tuple[Any, list]:
+        # conv_lowering "xla": the macro layers are already matrix products, and
+        # the quantizers' and the error model's custom gradients must be kept
+        tcfg = training.TrainConfig(optimizer="adam", learning_rate=config.learning_rate,
+                                    epochs=config.epochs, conv_lowering="xla",
+                                    batch_size=min(config.batch_size, len(data.y_train)))
+        name = f"{p.training}/{p.gradient}/{p.quantizer}".encode()
+        key = jax.random.fold_in(root, zlib.crc32(name) % 2**31)
+        return training.train(key, mm, data, tcfg, progress=config.progress)
+
+    def qat_model() -> tuple[Any, list]:
+        """The QAT model (trained once; kept in ``out_dir`` when D-NAT starts from it)."""
+        if "qat" in qat_cache:
+            return qat_cache["qat"]
+        qcfg = quantizers.QuantizerConfig(kind=q0, bits=cfg.dac_bits)
+        train_m, ideal_m, _ = macros(qcfg, None, "ste")
+        start = {"params": {"net": variables["params"],
+                            "bounds": calibrated(variables["params"], ideal_m.paths, qcfg)},
+                 **state}
+        path = os.path.join(out_dir, f"qat_{base['config_id'][:16]}.msgpack")
+        if config.start == "qat" and os.path.exists(path):
+            trained, _ = checkpoint.load(path, target=start)
+            out = (trained, [])
+            logging.info("loaded the QAT model %s", path)
+        else:
+            out = fine_tune(Point("qat", "-", q0), MacroModel(model, start, train_m, ideal_m,
+                                                              stochastic=False))
+            if config.start == "qat":
+                checkpoint.save(path, out[0], {"config_id": base["config_id"]})
+        qat_cache["qat"] = out
+        return out
+
     for p in todo:
         t0 = time.perf_counter()
         qcfg = quantizers.QuantizerConfig(kind=p.quantizer, bits=cfg.dac_bits)
         model_em = {"float": None, "qat": None, "anat": gaussian, "dnat": em}[p.training]
         grad = p.gradient if p.gradient in GRADIENTS else "ste"
         train_m, ideal_m, noisy_m = macros(qcfg, model_em, grad)
-        bounds = crossbar.calibrate_bounds(model.apply_fn, variables, x_cal, ideal_m.paths,
-                                           qcfg)
-        start = {"params": {"net": variables["params"], "bounds": bounds}, **state}
-        mm = MacroModel(model, start, train_m, ideal_m, stochastic=model_em is not None)
-        trained, history = start, []
-        if p.training != "float":
-            # conv_lowering "xla": the macro layers are already matrix products, and
-            # the quantizers' and the error model's custom gradients must be kept
-            tcfg = training.TrainConfig(optimizer="adam", learning_rate=config.learning_rate,
-                                        epochs=config.epochs, conv_lowering="xla",
-                                        batch_size=min(config.batch_size, len(data.y_train)))
-            name = f"{p.training}/{p.gradient}/{p.quantizer}".encode()
-            key = jax.random.fold_in(root, zlib.crc32(name) % 2**31)
-            trained, history = training.train(key, mm, data, tcfg, progress=config.progress)
+        if p.training == "qat":
+            trained, history = qat_model()
+            mm = MacroModel(model, trained, train_m, ideal_m, stochastic=False)
+        else:
+            net = variables["params"]
+            bounds = None
+            if p.training != "float" and config.start == "qat":
+                qat_vars = qat_model()[0]
+                net = qat_vars["params"]["net"]
+                if p.quantizer == q0:
+                    bounds = qat_vars["params"]["bounds"]
+            if bounds is None:
+                bounds = calibrated(net, ideal_m.paths, qcfg)
+            start = {"params": {"net": net, "bounds": bounds}, **state}
+            mm = MacroModel(model, start, train_m, ideal_m, stochastic=model_em is not None)
+            trained, history = start, []
+            if p.training != "float":
+                trained, history = fine_tune(p, mm)
         train_s = time.perf_counter() - t0
         clean = training.evaluate_accuracy(mm.apply_fn, trained, data.x_test, data.y_test)
         mc = montecarlo.evaluate(k_mc, _noisy_apply(noisy_m), trained, _identity, x_test,
