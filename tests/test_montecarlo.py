@@ -414,3 +414,84 @@ def test_forward_keys_are_per_example_and_match_a_loop(problem):
     gemm = mc.evaluate(key, noisy_apply, params, identity_perturb, x, y, 6,
                        forward_keys=True, progress=False, lowering="gemm", batch_size=16)
     np.testing.assert_array_equal(gemm.accuracy, res.accuracy)
+
+
+def test_summary_tail_metrics_kpp_and_probability_below_threshold():
+    acc = np.linspace(0.0, 1.0, 1001)
+    s = montecarlo.summarize(acc, kpp=(0.1, 2.5), threshold=0.25)
+    assert s.kpp() == s.p1 == pytest.approx(0.01)
+    assert s.kpp(0.1) == pytest.approx(0.001) and s.kpp(2.5) == pytest.approx(0.025)
+    assert s.kpp(5) == s.p5
+    assert dict(s.percentiles) == pytest.approx({0.1: 0.001, 1.0: 0.01, 2.5: 0.025, 5.0: 0.05})
+    assert s.threshold == 0.25 and s.p_below == pytest.approx(250 / 1001)   # strictly below
+    with pytest.raises(ValueError, match="k must be one of"):
+        s.kpp(10)
+    plain = montecarlo.summarize(acc)
+    assert plain.threshold is None and plain.p_below is None
+    assert plain[:8] == s[:8]                    # the original fields are unchanged
+    with pytest.raises(ValueError, match="kpp"):
+        montecarlo.summarize(acc, kpp=(101,))
+    with pytest.raises(ValueError, match="threshold"):
+        montecarlo.summarize(acc, threshold=float("nan"))
+
+
+# ---------------------------------------------------------------------------
+# Several processes (jax.distributed, CPU with gloo collectives)
+# ---------------------------------------------------------------------------
+
+_PROCESS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    if sys.argv[1] != "single":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address="localhost:{port}", num_processes=2,
+                                   process_id=int(sys.argv[1]))
+    sys.path.insert(0, {tests_dir!r})
+    import test_montecarlo as t
+    from swimjax import montecarlo as mc
+    params = t._init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (t.N_EX, 8, 8, 1))
+    y = jax.numpy.argmax(t.apply_fn(t.gaussian_perturb(jax.random.key(2), params, 0.1), x),
+                         -1).astype(jax.numpy.int32)
+    many = mc.evaluate_many(jax.random.key(7), t.apply_fn, params, t.gaussian_perturb,
+                            [jax.numpy.float32(s) for s in (0.3, 0.1)], x, y, t.N_RUNS,
+                            chunk_size=7, progress=False)
+    print(json.dumps(dict(n_devices=len(jax.devices()), process=jax.process_index(),
+                          accuracy=[r.accuracy.tolist() for r in many],
+                          loss=[r.loss.tolist() for r in many],
+                          clean=many[0].clean_accuracy)))
+""")
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_two_devices(base_result):
+    """Runs split over 2 processes (1 CPU device each, gloo) give every process
+    the numbers of one process with 2 devices, bit for bit."""
+    script = _PROCESS_SCRIPT.format(port=_free_port(), tests_dir=os.path.dirname(__file__))
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-3000:]
+        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert [o["n_devices"] for o in outs] == [2, 2] and {o["process"] for o in outs} == {0, 1}
+    assert outs[0]["accuracy"] == outs[1]["accuracy"] and outs[0]["loss"] == outs[1]["loss"]
+    single = subprocess.run([sys.executable, "-c", script, "single"], capture_output=True,
+                            text=True, timeout=300, check=True,
+                            env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    one = json.loads(single.stdout.strip().splitlines()[-1])
+    assert one["n_devices"] == 2
+    for k in ("accuracy", "loss", "clean"):
+        assert outs[0][k] == one[k], k
+    np.testing.assert_array_equal(outs[0]["accuracy"][0], base_result.accuracy)
