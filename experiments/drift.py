@@ -48,7 +48,10 @@ flags.DEFINE_string("sigma_d", f"{_D.sigma_d:g}",
                     "scale), or 'preset' for the preset's own model (drift only).")
 flags.DEFINE_float("sigma_wv", _D.sigma_wv, "Residual std of a verified device.")
 flags.DEFINE_integer("weight_bits", _D.weight_bits, "N: magnitude bits per weight.")
-flags.DEFINE_integer("device_bits", _D.device_bits, "m: bits per device (1 <= m <= N).")
+flags.DEFINE_integer("device_bits", None, "m: bits per device (1 <= m <= N; default: "
+                     f"{reliability.DEFAULT_DEVICE_BITS['drift']} for drift, one analog device "
+                     f"per weight and sign, {reliability.DEFAULT_DEVICE_BITS['faults']} for "
+                     "faults).")
 flags.DEFINE_enum("sign", _D.sign, ["differential", "sign_bit"], "How the sign is stored.")
 flags.DEFINE_bool("read_noise", _D.read_noise, "PCM 1/f read noise at inference (drift).")
 flags.DEFINE_integer("mc_runs", _D.mc_runs, "Monte-Carlo runs per point.")

@@ -74,7 +74,7 @@ from swimjax import (data as data_lib, devices, mapping, models, montecarlo, per
 from swimjax.perturbation import Perturbation
 
 __all__ = [
-    'DEFAULT_DEVICE', 'DEFAULT_FAULT_RATES', 'DEFAULT_TIMES', 'DriftState', 'FaultState',
+    'DEFAULT_DEVICE', 'DEFAULT_DEVICE_BITS', 'DEFAULT_FAULT_RATES', 'DEFAULT_TIMES', 'DriftState', 'FaultState',
     'KEY_FIELDS', 'MODES', 'ReliabilityConfig', 'SCHEMES', 'config_id', 'drift_perturbation',
     'fault_perturbation', 'identity', 'pin_stuck', 'program_with_faults', 'run', 'time_label'
 ]
@@ -89,6 +89,8 @@ DEFAULT_TIMES = (1.0, 60.0, 3600.0, 86400.0, 2592000.0, 31536000.0, 315360000.0)
 DEFAULT_FAULT_RATES = (0.0, 0.001, 0.005, 0.01, 0.02, 0.05)
 #: Default preset per mode.
 DEFAULT_DEVICE = {"drift": "pcm", "faults": "rram"}
+#: Default bits per device per mode (capped at ``weight_bits``).
+DEFAULT_DEVICE_BITS = {"drift": 8, "faults": 2}
 KEY_FIELDS = ("config_id", "mode", "scheme", "t_seconds", "compensated", "p_stuck")
 #: Config fields that select points or change nothing in a row's numbers.
 NON_IDENTITY_FIELDS = ("schemes", "times", "compensation", "fault_rates", "chunk_size",
@@ -126,7 +128,9 @@ class ReliabilityConfig:
         units; SWIM's 0.1 by default); ``None`` uses the preset's own
         programming model (drift only: the fault loop needs a number).
       sigma_wv: residual std of a verified device (full-scale units).
-      weight_bits, device_bits: ``N`` and ``m`` of the mapping.
+      weight_bits, device_bits: ``N`` and ``m`` of the mapping; ``m = None``:
+        :data:`DEFAULT_DEVICE_BITS` of the mode (drift: one analog device per
+        weight and sign, as aihwkit maps PCM; faults: 2-bit devices).
       sign: ``"differential"`` (pairs: ``g_min`` cancels, compensation exact
         for a common drift) or ``"sign_bit"``.
       read_noise: PCM 1/f read noise at inference when the preset's drift model
@@ -154,7 +158,7 @@ class ReliabilityConfig:
     sigma_d: float | None = 0.1
     sigma_wv: float = 0.03
     weight_bits: int = 8
-    device_bits: int = 2
+    device_bits: int | None = None
     sign: str = "differential"
     read_noise: bool = True
     mc_runs: int = 100
@@ -206,6 +210,9 @@ class ReliabilityConfig:
             raise ValueError(f"sigma_wv must be < sigma_d ({self.sigma_d}) in faults mode, "
                              f"got {self.sigma_wv}")
         v.check_int("weight_bits", self.weight_bits, 1, mapping.MAX_WEIGHT_BITS)
+        if self.device_bits is None:
+            object.__setattr__(self, "device_bits", min(
+                DEFAULT_DEVICE_BITS[self.mode], self.weight_bits, mapping.MAX_DEVICE_BITS))
         v.check_int("device_bits", self.device_bits, 1,
                     min(self.weight_bits, mapping.MAX_DEVICE_BITS))
         v.check_choice("sign", self.sign, ("differential", "sign_bit"))

@@ -418,7 +418,7 @@ def test_forward_keys_are_per_example_and_match_a_loop(problem):
 
 def test_summary_tail_metrics_kpp_and_probability_below_threshold():
     acc = np.linspace(0.0, 1.0, 1001)
-    s = montecarlo.summarize(acc, kpp=(0.1, 2.5), threshold=0.25)
+    s = mc.summarize(acc, kpp=(0.1, 2.5), threshold=0.25)
     assert s.kpp() == s.p1 == pytest.approx(0.01)
     assert s.kpp(0.1) == pytest.approx(0.001) and s.kpp(2.5) == pytest.approx(0.025)
     assert s.kpp(5) == s.p5
@@ -426,13 +426,13 @@ def test_summary_tail_metrics_kpp_and_probability_below_threshold():
     assert s.threshold == 0.25 and s.p_below == pytest.approx(250 / 1001)   # strictly below
     with pytest.raises(ValueError, match="k must be one of"):
         s.kpp(10)
-    plain = montecarlo.summarize(acc)
+    plain = mc.summarize(acc)
     assert plain.threshold is None and plain.p_below is None
     assert plain[:8] == s[:8]                    # the original fields are unchanged
     with pytest.raises(ValueError, match="kpp"):
-        montecarlo.summarize(acc, kpp=(101,))
+        mc.summarize(acc, kpp=(101,))
     with pytest.raises(ValueError, match="threshold"):
-        montecarlo.summarize(acc, threshold=float("nan"))
+        mc.summarize(acc, threshold=float("nan"))
 
 
 # ---------------------------------------------------------------------------
