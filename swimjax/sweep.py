@@ -591,7 +591,9 @@ def nonuniform_markdown(rows: list[dict[str, Any]], config: SweepConfig,
              "| method | NWC | se | verifies x more than swim (se) |", "|---|---|---|---|"]
     ref = res.get("swim", (float("nan"), float("nan")))
     for method, (x, se) in res.items():
-        if np.isfinite(ref[0]) and ref[0] > 0 and np.isfinite(x):
+        if method == "swim":
+            rs = "1"
+        elif np.isfinite(ref[0]) and ref[0] > 0 and np.isfinite(x):
             ratio = x / ref[0]
             rse = ratio * float(np.sqrt((se / x) ** 2 + (ref[1] / ref[0]) ** 2)) if x > 0 else 0.0
             rs = f"{ratio:.2f} ({rse:.2f})"

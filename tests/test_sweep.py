@@ -296,8 +296,9 @@ def test_nwc_within_interpolates_with_a_standard_error():
 def test_nonuniform_sweep_ranks_sigma_aware(tmp_path, trained):
     """RRAM4: swim (sigma-aware) and swim_uniform pick different weights; under
     uniform variation they pick the same, and rows are shared."""
-    cfg = _tiny(trained, methods=("swim", "swim_uniform", "magnitude"), budgets=(0.0, 0.1, 1.0),
-                nonuniform_factor="RRAM4", measure_cycles=False)
+    cfg = dataclasses.replace(_tiny(trained, nonuniform_factor="RRAM4", measure_cycles=False),
+                              methods=("swim", "swim_uniform", "magnitude"),
+                              budgets=(0.0, 0.1, 1.0))
     rows = sweep.run_sweep(cfg, str(tmp_path / "nu"))
     by = {(r["method"], r["budget"]): r for r in rows}
     assert len(rows) == 9 and all(r["nonuniform_factor"] == 4.0 for r in rows)
