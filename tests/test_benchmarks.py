@@ -53,3 +53,17 @@ def test_training_benchmark_runs(tmp_path):
         assert res[key]["epoch_s"] > 0 and 0 < res[key]["gemm_fraction"]
         assert 0 <= res[key]["test_acc"] <= 1
     assert res["resnet20_gemm"]["flops_per_step"] > 0
+
+
+@pytest.mark.slow
+def test_crossbar_benchmark_runs(tmp_path):
+    res = _run("benchmarks.crossbar", tmp_path, "--batch_size=2", "--repeats=1")
+    assert res["model"] == "resnet20" and res["macro_layers"] > 0
+    for group in ("forward_s", "forward_ratio"):
+        for key in ("plain", "macro_ideal", "macro_error"):
+            assert math.isfinite(res[group][key]) and res[group][key] > 0, (group, key)
+    for key in ("plain", "dnat"):
+        assert res["train_step_s"][key] > 0
+        mem = res["train_memory"][key]
+        assert mem["peak_bytes"] is None or mem["peak_bytes"] > 0
+    assert math.isfinite(res["train_time_overhead"]) and res["train_time_overhead"] > 0

@@ -134,7 +134,7 @@ def test_points_combinations(kw, want):
 
 TINY = dict(n_train=256, n_test=100, float_epochs=1, epochs=1, mc_runs=2, batch_size=128,
             trainings=("float", "qat", "dnat"), gradients=("statistical",),
-            quantizers=("epact",), progress=False)
+            quantizers=("epact",), layers="Dense_1", progress=False)
 
 
 class _Counter:
