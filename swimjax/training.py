@@ -21,6 +21,16 @@
   perturbation receives the FULL variables pytree (the one ``model.apply_fn``
   takes); only its ``"params"`` are used, batch statistics are never
   perturbed.
+* Variation-aware noise of the evaluation's model (:func:`variation_noise`):
+  SWIM's statistical weight error ``dW = s c sigma_i eps`` with ``sigma_i =
+  sigma_wv`` on write-verified weights and ``sigma_d`` elsewhere, ``eps``
+  Gaussian (``"gaussian"``) or right-censored Gaussian ``min(eps, tau)``
+  (``"rcg"``, TRICE); mask, sigmas and ``tau`` are the state (data).
+  :func:`noise_injection` builds it from a noise name (``"none"``,
+  ``"gaussian"``, ``"rcg"``); :func:`censored_normal_moments` gives the
+  closed-form mean and std of ``min(eps, tau)``. ``train(...,
+  init_variables=...)`` starts from given weights (fine-tuning, e.g. with
+  the sigmas that remain after a write-verify mask).
 
 Each training step is one jitted function; the last partial batch of an epoch
 is dropped so that every step has the same shape (one compilation).
@@ -46,19 +56,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from swimjax import _jaxpr, _runbatch
+from swimjax import _jaxpr, _random, _runbatch, mapping
 from swimjax import _validation as v
 from swimjax.data import Dataset
 from swimjax.models import Model
-from swimjax.perturbation import Perturbation
+from swimjax.perturbation import Perturbation, VariationConfig, weight_sigmas
 
 Variables = dict[str, Any]
 PerturbFn = Callable[[jax.Array, Variables, Any], Variables]
@@ -242,6 +253,169 @@ def straight_through(params: Any, perturbed: Any) -> Any:
     return jax.tree.map(lambda p, q: p + jax.lax.stop_gradient(q - p), params, perturbed)
 
 
+# ----------------------------------------------------------------------------
+# Variation-aware training noise
+# ----------------------------------------------------------------------------
+
+#: Training-noise names: none, SWIM's Gaussian model, right-censored Gaussian.
+TRAIN_NOISES = ("none", "gaussian", "rcg")
+
+
+class NoiseState(NamedTuple):
+    """The data of :func:`variation_noise`.
+
+    Attributes:
+      mask: write-verify mask shaped like the variables (``True`` = verified:
+        sigma ``sigma_wv``); entries of unmapped leaves are ignored.
+      sigma_d: device sigma of unverified weights (full-scale units), float32.
+      sigma_wv: device sigma of verified weights (full-scale units), float32.
+      tau: right-censoring point of the standard normal ``eps`` (float32;
+        ``inf``: plain Gaussian).
+    """
+
+    mask: Any
+    sigma_d: jax.Array
+    sigma_wv: jax.Array
+    tau: jax.Array
+
+
+def censored_normal_moments(tau: float) -> tuple[float, float]:
+    """Mean and std of ``min(Z, tau)``, ``Z ~ N(0, 1)``, in closed form.
+
+    With ``phi``/``Phi`` the standard normal density/CDF: ``E = -phi(tau) +
+    tau (1 - Phi(tau))`` and ``E[X^2] = Phi(tau) - tau phi(tau) + tau^2 (1 -
+    Phi(tau))`` (the integral of ``z phi`` and ``z^2 phi`` below ``tau`` plus
+    the mass ``1 - Phi(tau)`` piled at ``tau``). ``tau = inf`` gives (0, 1).
+    """
+    tau = float(tau)
+    if math.isnan(tau):
+        raise ValueError("tau must be a number, got nan")
+    if tau == math.inf:
+        return 0.0, 1.0
+    if tau == -math.inf:
+        raise ValueError("tau must be > -inf")
+    phi = math.exp(-0.5 * tau * tau) / math.sqrt(2 * math.pi)
+    upper = 0.5 * math.erfc(tau / math.sqrt(2))   # 1 - Phi(tau), accurate in the tail
+    cdf = 1.0 - upper
+    mean = -phi + tau * upper
+    second = cdf - tau * phi + tau * tau * upper
+    return mean, math.sqrt(max(second - mean * mean, 0.0))
+
+
+def _check_scalar(name: str, value: Any, allow_inf: bool = False) -> jax.Array:
+    if isinstance(value, jax.core.Tracer):
+        return value
+    if np.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}")
+    x = float(value)
+    if math.isnan(x) or (not allow_inf and math.isinf(x)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return jnp.asarray(x, jnp.float32)
+
+
+def variation_noise(cfg: VariationConfig, selected: Any | None = None,
+                    tau: float = math.inf) -> Perturbation:
+    """SWIM's statistical weight error with optionally right-censored noise,
+    as a :class:`~swimjax.perturbation.Perturbation` for training.
+
+    ``apply(key, variables, state)`` gives ``W + s c m_i sigma_i min(eps_i,
+    tau)`` on the mapped leaves of ``variables["params"]`` (or of the pytree
+    itself when it has no ``"params"``): ``s c m_i`` is the evaluation
+    model's per-weight std per unit sigma
+    (:func:`swimjax.perturbation.weight_sigmas`, from the weights as they are
+    at that step), ``sigma_i = sigma_wv`` where ``state.mask`` is set and
+    ``sigma_d`` elsewhere; ``eps`` uses the same draws as
+    :func:`swimjax.perturbation.statistical` (``fold_in(key, leaf index)``),
+    so with ``tau = inf`` the two give identical weights for the same key.
+    ``cfg.quantize`` quantizes ``W`` first, as the evaluation does.
+
+    ``init(variables, mask=None, *, sigma_d=cfg.sigma_d,
+    sigma_wv=cfg.sigma_wv, tau=tau) -> NoiseState`` (``mask=None``: nothing
+    verified). Right-censoring (TRICE): ``eps = min(eps, tau)`` piles the
+    upper tail at ``tau``; its mean and std are
+    :func:`censored_normal_moments`.
+    """
+    if not isinstance(cfg, VariationConfig):
+        raise ValueError(f"cfg must be a VariationConfig, got {type(cfg).__name__}")
+    unit_cfg = dataclasses.replace(cfg, sigma_d=1.0, sigma_wv=0.0)
+    default_tau = _check_scalar("tau", tau, allow_inf=True)
+
+    def _params(variables: Any) -> Any:
+        return variables["params"] if isinstance(variables, dict) and "params" in variables \
+            else variables
+
+    def init(variables: Any, mask: Any | None = None, *, sigma_d: Any = None,
+             sigma_wv: Any = None, tau: Any = None) -> NoiseState:
+        if mask is None:
+            mask = jax.tree.map(lambda w: np.zeros(np.shape(w), bool), variables)
+        else:
+            v.check_same_structure("mask", mask, variables)
+            mask = jax.tree.map(lambda m: jnp.asarray(m).astype(bool), mask)
+        sd = _check_scalar("sigma_d", cfg.sigma_d if sigma_d is None else sigma_d)
+        swv = _check_scalar("sigma_wv", cfg.sigma_wv if sigma_wv is None else sigma_wv)
+        for name, s in (("sigma_d", sd), ("sigma_wv", swv)):
+            if not isinstance(s, jax.core.Tracer) and float(s) < 0:
+                raise ValueError(f"{name} must be >= 0, got {float(s)}")
+        t = default_tau if tau is None else _check_scalar("tau", tau, allow_inf=True)
+        return NoiseState(mask, sd, swv, t)
+
+    def apply(key: jax.Array, variables: Any, state: NoiseState) -> Any:
+        if not isinstance(state, NoiseState):
+            raise ValueError(f"state must be the NoiseState of init(), got "
+                             f"{type(state).__name__}")
+        params = _params(variables)
+        mask = _params(state.mask)
+        v.check_same_structure("mask", mask, params)
+        base, _ = weight_sigmas(params, unit_cfg, selected)
+        sel = mapping.mapped_leaves(params) if selected is None else selected
+        leaves, treedef = jax.tree.flatten(params)
+        out = []
+        for i, (w, s, b, m) in enumerate(zip(leaves, treedef.flatten_up_to(sel),
+                                              treedef.flatten_up_to(base),
+                                              treedef.flatten_up_to(mask))):
+            if not s:
+                out.append(w)
+                continue
+            w = jnp.asarray(w)
+            sigma = jnp.where(jnp.asarray(m).astype(bool),
+                              jnp.asarray(state.sigma_wv).astype(b.dtype),
+                              jnp.asarray(state.sigma_d).astype(b.dtype)) * b
+            w0 = mapping.quantize(w, cfg.mapping_config) if cfg.quantize else w
+            eps = _random.normal(jax.random.fold_in(key, i), w.shape, sigma.dtype)
+            eps = jnp.minimum(eps, jnp.asarray(state.tau).astype(sigma.dtype))
+            out.append((w0.astype(sigma.dtype) + sigma * eps).astype(w.dtype))
+        noisy = treedef.unflatten(out)
+        if params is variables:
+            return noisy
+        return {**variables, "params": noisy}
+
+    return Perturbation(init, apply)
+
+
+def noise_injection(noise: str, cfg: VariationConfig, *, sigma: float | None = None,
+                    tau: float = 1.0, selected: Any | None = None) -> Perturbation | None:
+    """The training perturbation a noise name asks for: ``"none"`` -> None;
+    ``"gaussian"`` -> :func:`variation_noise` with ``sigma_d = sigma`` (default
+    ``cfg.sigma_d``, the deployment's); ``"rcg"`` -> the same right-censored
+    at ``tau``."""
+    v.check_choice("noise", noise, TRAIN_NOISES)
+    if noise == "none":
+        return None
+    if sigma is not None:
+        cfg = dataclasses.replace(cfg, sigma_d=v.check_nonnegative("sigma", sigma))
+    return variation_noise(cfg, selected, tau=math.inf if noise == "gaussian" else tau)
+
+
+def remaining_sigmas(params: Any, mask: Any, cfg: VariationConfig,
+                     selected: Any | None = None) -> Any:
+    """Per-weight std of the weight error left after write-verifying ``mask``:
+    ``sigma_verified`` where the mask is set, ``sigma_unverified`` elsewhere
+    (:func:`swimjax.perturbation.weight_sigmas`), zeros on unmapped leaves."""
+    v.check_same_structure("mask", mask, params)
+    su, sv = weight_sigmas(params, cfg, selected)
+    return jax.tree.map(lambda a, b, m: jnp.where(jnp.asarray(m, bool), b, a), su, sv, mask)
+
+
 @functools.lru_cache(maxsize=32)
 def _make_train_step(model: Model, config: TrainConfig, total_steps: int,
                      perturb_fn: Optional[PerturbFn], lowering: tuple[str, int | None]
@@ -295,7 +469,8 @@ def _check_compatible(model: Model, data: Dataset) -> None:
 
 def train(key: jax.Array, model: Model, data: Dataset, config: TrainConfig = TrainConfig(),
           perturbation: Perturbation | PerturbFn | None = None, noise_state: Any = None,
-          progress: bool = True) -> tuple[Variables, list[dict[str, float]]]:
+          progress: bool = True, init_variables: Variables | None = None
+          ) -> tuple[Variables, list[dict[str, float]]]:
     """Trains ``model`` on ``data``.
 
     Args:
@@ -310,6 +485,9 @@ def train(key: jax.Array, model: Model, data: Dataset, config: TrainConfig = Tra
         (default for a ``Perturbation``: ``perturbation.init(variables)`` of
         the initial variables, i.e. nothing verified; for a function: None).
       progress: show a tqdm progress bar.
+      init_variables: start from these variables (fine-tuning; the structure
+        and shapes of ``model.init``'s) instead of freshly initialized ones;
+        the shuffles and noise still come from ``key``.
 
     Returns:
       ``(variables, history)``: the trained full variables pytree
@@ -329,6 +507,9 @@ def train(key: jax.Array, model: Model, data: Dataset, config: TrainConfig = Tra
     steps_per_epoch = n // config.batch_size
     init_key, shuffle_key, noise_key = jax.random.split(key, 3)
     variables = model.init(init_key, jnp.asarray(data.x_train[:1]))
+    if init_variables is not None:
+        v.check_same_structure("init_variables", init_variables, variables)
+        variables = jax.tree.map(jnp.asarray, init_variables)
     params = variables["params"]
     state = {k: val for k, val in variables.items() if k != "params"}
     # the schedule's length matters only for cosine: keep the compile cache shared otherwise

@@ -274,3 +274,148 @@ def test_auto_lowering_is_all_or_nothing_per_model():
         return len(T._conv_depths(jaxpr.jaxpr))
     assert n_convs("lenet", (28, 28, 1)) == 0
     assert n_convs("resnet20", (32, 32, 3)) > 0
+
+
+# ------------------------------------------------------------ variation-aware noise
+
+def _lenet_variables():
+    return get_model("lenet").init(jax.random.key(3))
+
+
+def test_censored_normal_moments_closed_form():
+    from scipy import integrate, stats as st
+    for tau in (-1.0, 0.0, 0.5, 1.0, 2.5):
+        mean, std = T.censored_normal_moments(tau)
+        m1 = integrate.quad(lambda z: z * st.norm.pdf(z), -np.inf, tau)[0] + tau * st.norm.sf(tau)
+        m2 = integrate.quad(lambda z: z * z * st.norm.pdf(z), -np.inf, tau)[0] \
+            + tau * tau * st.norm.sf(tau)
+        assert mean == pytest.approx(m1, abs=1e-9)
+        assert std == pytest.approx(np.sqrt(m2 - m1 * m1), abs=1e-9)
+    assert T.censored_normal_moments(np.inf) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="tau"):
+        T.censored_normal_moments(np.nan)
+
+
+@pytest.mark.parametrize("tau", [np.inf, 1.0, 0.0])
+def test_variation_noise_statistics_match_the_evaluation_model(tau):
+    """Noise / (per-weight sigma of the evaluation model) is min(eps, tau): its
+    mean and std agree with the closed form within 5 standard errors, nothing
+    exceeds tau, a mass 1 - Phi(tau) sits exactly at tau, and different keys
+    (steps) draw different noise."""
+    from scipy import stats as st
+    from swimjax import perturbation as P
+    variables = _lenet_variables()
+    cfg = P.VariationConfig(sigma_d=0.3, sigma_wv=0.03)
+    pert = T.variation_noise(cfg, tau=tau)
+    state = pert.init(variables)
+    su, _ = P.weight_sigmas(variables, cfg)
+    apply = jax.jit(pert.apply)
+    z = []
+    for step in range(4):
+        noisy = apply(jax.random.fold_in(jax.random.key(0), step), variables, state)
+        for w, n, s in zip(jax.tree.leaves(variables), jax.tree.leaves(noisy), jax.tree.leaves(su)):
+            if w.ndim >= 2:
+                z.append(np.asarray((n - w) / s, np.float64).ravel())
+            else:
+                assert np.array_equal(np.asarray(n), np.asarray(w))  # biases exact
+    assert not np.array_equal(z[0], z[len(z) // 4])        # fresh noise each step
+    z = np.concatenate(z)
+    n = z.size
+    mean, std = T.censored_normal_moments(tau)
+    assert abs(z.mean() - mean) < 5 * std / np.sqrt(n)
+    # std of the sample variance: sqrt((mu4 - sigma^4) / n), bounded by the Gaussian's 2 sigma^4
+    assert abs(z.std() - std) < 5 * np.sqrt(2.0 / n) * max(std, 1e-3)
+    tol = 1e-5
+    assert z.max() <= tau + tol
+    if np.isfinite(tau):
+        at_tau = np.mean(np.abs(z - tau) < tol)
+        p = st.norm.sf(tau)
+        assert abs(at_tau - p) < 5 * np.sqrt(p * (1 - p) / n)
+
+
+def test_variation_noise_without_censoring_is_the_evaluation_perturbation():
+    from swimjax import perturbation as P
+    variables = _lenet_variables()
+    cfg = P.VariationConfig(sigma_d=0.3, sigma_wv=0.03)
+    mask = jax.tree.map(lambda w: jax.random.bernoulli(jax.random.key(1), 0.3, w.shape),
+                        variables)
+    ours = T.variation_noise(cfg)
+    ref = P.statistical(cfg)
+    key = jax.random.key(5)
+    a = ours.apply(key, variables, ours.init(variables, mask))
+    b = ref.apply(key, variables, ref.init(variables, mask))
+    assert _leaves_equal(a, b)
+
+
+def test_remaining_sigmas_are_the_ones_fine_tuning_draws_with():
+    """Selection-aware fine-tuning: the noise of a step with a mask is exactly
+    remaining_sigmas (sigma_wv * s c on verified weights, sigma_d * s c
+    elsewhere) times the step's standard normal draws."""
+    from swimjax import _random
+    from swimjax import perturbation as P
+    variables = _lenet_variables()
+    cfg = P.VariationConfig(sigma_d=0.3, sigma_wv=0.03)
+    mask = jax.tree.map(lambda w: jax.random.bernoulli(jax.random.key(2), 0.05, w.shape),
+                        variables)
+    want = T.remaining_sigmas(variables, mask, cfg)
+    su, sv = P.weight_sigmas(variables, cfg)
+    for w, m, a, b, s in zip(*(jax.tree.leaves(t) for t in (variables, mask, su, sv, want))):
+        np.testing.assert_array_equal(np.asarray(s), np.where(np.asarray(m), b, a))
+    pert = T.variation_noise(cfg)
+    key = jax.random.key(9)
+    noisy = pert.apply(key, variables, pert.init(variables, mask))
+    for i, (w, n, s) in enumerate(zip(*(jax.tree.leaves(t) for t in (variables, noisy, want)))):
+        eps = _random.normal(jax.random.fold_in(key, i), w.shape, jnp.float32)
+        expect = w + s * eps if w.ndim >= 2 else w
+        np.testing.assert_allclose(np.asarray(n), np.asarray(expect), rtol=0, atol=1e-7)
+
+
+def test_training_receives_the_masked_noise_state_and_fine_tunes_from_given_weights(small_digits):
+    """train() hands the perturbation exactly the state it was given (the mask
+    and sigmas of selection-aware fine-tuning, as data: a new mask does not
+    recompile), and init_variables is where fine-tuning starts."""
+    from swimjax import perturbation as P
+    model = get_model("lenet")
+    start, _ = T.train(jax.random.key(0), model, small_digits, SMALL, progress=False)
+    cfg = P.VariationConfig(sigma_d=0.3, sigma_wv=0.03)
+    pert = T.variation_noise(cfg, tau=1.0)
+    mask = jax.tree.map(lambda w: np.asarray(jax.random.bernoulli(jax.random.key(4), 0.1,
+                                                                  w.shape)), start)
+    state = pert.init(start, mask)
+    seen = []
+
+    def spy(key, variables, st):
+        seen.append(st)
+        return pert.apply(key, variables, st)
+
+    one = T.TrainConfig(epochs=1, batch_size=512, learning_rate=1e-12)
+    tuned, _ = T.train(jax.random.key(1), model, small_digits, one, perturbation=spy,
+                       noise_state=state, progress=False)
+    assert len(seen) == 1 and isinstance(seen[0], T.NoiseState)  # traced once
+    tuned, _ = T.train(jax.random.key(1), model, small_digits, one, perturbation=pert,
+                       noise_state=state, progress=False, init_variables=start)
+    # a tiny learning rate: fine-tuning stayed at the given weights
+    for a, b in zip(jax.tree.leaves(tuned), jax.tree.leaves(start)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    cache = T._make_train_step.cache_info()
+    other = pert.init(start, jax.tree.map(np.logical_not, mask), sigma_d=0.2, tau=0.5)
+    T.train(jax.random.key(1), model, small_digits, one, perturbation=pert, noise_state=other,
+            progress=False, init_variables=start)
+    assert T._make_train_step.cache_info().misses == cache.misses
+    with pytest.raises(ValueError, match="init_variables"):
+        T.train(jax.random.key(1), model, small_digits, one, progress=False,
+                init_variables={"params": {}})
+
+
+def test_noise_injection_names():
+    from swimjax import perturbation as P
+    cfg = P.VariationConfig(sigma_d=0.3)
+    assert T.noise_injection("none", cfg) is None
+    variables = _lenet_variables()
+    g = T.noise_injection("gaussian", cfg, sigma=0.2)
+    st = g.init(variables)
+    assert float(st.sigma_d) == pytest.approx(0.2) and np.isinf(float(st.tau))
+    r = T.noise_injection("rcg", cfg, tau=0.7)
+    assert float(r.init(variables).tau) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="noise"):
+        T.noise_injection("uniform", cfg)
