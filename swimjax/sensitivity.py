@@ -84,8 +84,8 @@ Batches = tuple[Array, Array, Array]
 
 __all__ = [
     "BASELINE_METHODS", "METHODS", "SCALE_METHODS", "SUPPORTED_PRIMITIVES",
-    "UnsupportedPrimitiveError", "as_batches", "available_methods", "fisher", "ggn", "gradient",
-    "hessian_diag", "hutchinson", "magnitude", "magnitude_raw", "make_batches", "random",
+    "UnsupportedPrimitiveError", "as_batches", "available_methods", "fisher", "ggn", "ggn_sampled",
+    "gradient", "hessian_diag", "hutchinson", "magnitude", "magnitude_raw", "make_batches", "random",
     "saliency", "score", "softmax_cross_entropy", "swim", "swim_grad", "to_weight_units",
 ]
 
@@ -660,6 +660,93 @@ def ggn(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
     return _drive_chunks(_ggn_step, params, x, y, w, m, apply_fn=apply_fn, loss=loss)
 
 
+@functools.partial(jax.jit, static_argnames=("apply_fn", "top", "samples"),
+                   donate_argnums=(0,))
+def _ggn_sampled_step(acc, params, xc, yc, wc, c, n_tot, key, *, apply_fn, top, samples):
+    def per_example(xi, yi, wi, gi):
+        z, vjp = jax.vjp(lambda p: apply_fn(p, xi[None])[0], params)
+        cots, wts = _sampled_columns(jax.random.fold_in(key, gi), z, top, samples)
+        gs = jax.vmap(lambda ct: vjp(ct.reshape(z.shape))[0])(cots)
+        return jax.tree_util.tree_map(
+            lambda g: (wi / n_tot) * jnp.tensordot(wts, jnp.square(g), axes=1), gs)
+
+    return _per_example_sum(per_example, acc, xc, yc, wc, c)
+
+
+def _sampled_columns(key: Array, z: Array, top: int, samples: int) -> tuple[Array, Array]:
+    """Cotangents ``e_c - p`` (shape ``(top + samples, C)``) and their weights
+    for one example's logits ``z``: the ``top`` most probable classes with
+    weight ``p_c``, then ``samples`` classes drawn from the others in
+    proportion to ``p_c``, each with weight ``P_rest / samples`` (``P_rest`` the
+    probability of the classes not in the top)."""
+    logits = z.reshape(-1)
+    k = logits.shape[0]
+    p = jax.nn.softmax(logits)
+    _, top_idx = lax.top_k(p, top)
+    in_top = jnp.zeros((k,), bool).at[top_idx].set(True)
+    classes, wts = [top_idx], [p[top_idx]]
+    if samples:
+        p_rest = jnp.maximum(jnp.sum(jnp.where(in_top, 0.0, p)), 0.0)
+        masked = jnp.where(in_top, -jnp.inf, logits)
+        drawn = jax.random.categorical(key, masked, shape=(samples,))
+        classes.append(drawn)
+        wts.append(jnp.full((samples,), p_rest / samples, p.dtype))
+    classes = jnp.concatenate(classes)
+    cots = jax.nn.one_hot(classes, k, dtype=p.dtype) - p[None, :]
+    return cots, jnp.concatenate(wts)
+
+
+def ggn_sampled(key: Array | None, apply_fn: ApplyFn, params: PyTree, batches: Any,
+                loss: LossFn | None = None, *, top: int = 1, samples: int = 1,
+                chunk_size: int | None = None) -> PyTree:
+    """The Gauss-Newton diagonal at the cost of ``top + samples`` vector-Jacobian
+    products per example instead of C (softmax cross-entropy only).
+
+    With ``p`` the softmax of an example's logits and ``J`` their Jacobian, the
+    exact diagonal (:func:`ggn`) is ``sum_c p_c (J^T (e_c - p))^2``, a
+    ``p``-weighted sum over the C classes. Here the ``top`` most probable
+    classes enter exactly and the rest by ``samples`` classes drawn from them
+    in proportion to ``p_c`` (importance sampling, stratified): ``sum_{c in
+    top} p_c g_c^2 + P_rest / samples * sum_{drawn s} g_s^2``, ``g_c = J^T (e_c
+    - p)``. Unbiased for the GGN diagonal, exact when ``top >= C - 1``. A
+    trained network puts most of ``p`` on one class, so the second most
+    probable classes carry most of the curvature; the stratification removes
+    the variance of the most probable one, which plain Monte-Carlo Fisher
+    (:func:`fisher`, one sampled label) keeps. The draw of an example follows
+    ``fold_in(key, position in the data)``, so batching does not change it.
+
+    Args:
+      key: PRNG key (the draws).
+      loss: must be None (softmax cross-entropy).
+      top: classes taken exactly (>= 0).
+      samples: classes drawn from the rest (>= 0; ``top + samples >= 1``).
+      chunk_size: examples vmapped together (default: the largest power of two
+        keeping ``chunk * (top + samples) * n_params`` <= 2^23 floats).
+
+    Returns:
+      Pytree like ``params``: an estimate of the GGN diagonal of the mean loss.
+    """
+    if loss is not None:
+        raise ValueError("ggn_sampled: only the default softmax cross-entropy loss (loss=None) "
+                         "is supported; use ggn for another loss")
+    top = v.check_int("top", top, 0, None)
+    samples = v.check_int("samples", samples, 0, None)
+    if top + samples < 1:
+        raise ValueError(f"ggn_sampled: top + samples must be >= 1, got {top} + {samples}")
+    _check_params(params)
+    x, y, w = as_batches(batches)
+    k = _n_outputs(apply_fn, params, x)
+    if top >= k - 1:   # every class exactly (the last one by p_rest alone)
+        top, samples = k, 0
+    if key is None:
+        if samples:
+            raise ValueError("ggn_sampled: key must be a PRNG key when classes are sampled")
+        key = jax.random.key(0)
+    m = _chunk_size(chunk_size, x.shape[1], (top + samples) * _n_params(params), _GGN_FLOATS)
+    step = functools.partial(_ggn_sampled_step, key=key)
+    return _drive_chunks(step, params, x, y, w, m, apply_fn=apply_fn, top=top, samples=samples)
+
+
 def _default_sample(key: Array, logits: Array, n: int) -> Array:
     return jax.random.categorical(key, logits, axis=-1, shape=(n,) + logits.shape[:-1])
 
@@ -891,6 +978,7 @@ METHODS: dict[str, Callable[..., PyTree]] = {
     "swim_grad": swim_grad,
     "hutchinson": hutchinson,
     "ggn": ggn,
+    "ggn_sampled": ggn_sampled,
     "fisher": fisher,
     "empirical_fisher": _empirical_fisher,
     "hessian_diag": hessian_diag,
