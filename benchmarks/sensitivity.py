@@ -60,7 +60,8 @@ flags.DEFINE_bool("skip_resnet", False, "Skip the ResNet-18 timings (slow on CPU
 flags.DEFINE_integer("resnet_images", 64, "Images for the ResNet-18 timings (e.g. 256 on GPU).")
 flags.DEFINE_integer("resnet_batch", 32, "Batch size on ResNet-18.")
 flags.DEFINE_integer("resnet_probes", 1, "Hutchinson probes in the ResNet-18 timing.")
-flags.DEFINE_list("resnet_methods", ["swim", "gradient", "hutchinson", "fisher", "ggn"],
+flags.DEFINE_list("resnet_methods", ["swim", "gradient", "hutchinson", "fisher", "ggn",
+                                     "ggn_sampled"],
                   "Estimators timed on ResNet-18.")
 flags.DEFINE_bool("skip_small", False, "Skip the correlations on the small models.")
 flags.DEFINE_integer("small_images", 1000, "Digits used by the estimators on the small models.")
@@ -81,6 +82,8 @@ def _methods(probes: int) -> dict[str, Method]:
         "swim": lambda k, f, p, b: sens.swim(k, f, p, b),
         "swim_first_order": lambda k, f, p, b: sens.swim(k, f, p, b, first_order=True),
         "ggn": lambda k, f, p, b: sens.ggn(k, f, p, b),
+        "ggn_sampled": lambda k, f, p, b: sens.ggn_sampled(k, f, p, b),
+        "ggn_sampled_0_1": lambda k, f, p, b: sens.ggn_sampled(k, f, p, b, top=0, samples=1),
         "fisher": lambda k, f, p, b: sens.fisher(k, f, p, b),
         "empirical_fisher": lambda k, f, p, b: sens.score("empirical_fisher", k, f, p, b),
         "hutchinson": lambda k, f, p, b: sens.hutchinson(k, f, p, b, n_probes=probes,
@@ -283,6 +286,7 @@ def small_section(key, repeats: int) -> dict[str, Any]:
         "swim": lambda k, f, p, b: sens.swim(k, f, p, b),
         "swim_first_order": lambda k, f, p, b: sens.swim(k, f, p, b, first_order=True),
         "ggn": lambda k, f, p, b: sens.ggn(k, f, p, b),
+        "ggn_sampled": lambda k, f, p, b: sens.ggn_sampled(k, f, p, b),
         "fisher": lambda k, f, p, b: sens.fisher(k, f, p, b),
         "empirical_fisher": lambda k, f, p, b: sens.score("empirical_fisher", k, f, p, b),
         "hutchinson": lambda k, f, p, b: sens.hutchinson(

@@ -1,0 +1,95 @@
+"""Tests of swimjax.beyond and experiments/beyond.py: configuration checks,
+the target table, and resume after an interruption with one row per point."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from swimjax import beyond, results
+
+SMALL = dict(n_train=256, n_test=100, mc_runs=8, train_epochs=1, finetune_epochs=1,
+             budgets=(0.0, 0.05, 1.0), progress=False,
+             combinations=("plain/swim", "gaussian/ggn_sampled", "gaussian+sa/swim"))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="combination"):
+        beyond.BeyondConfig(combinations=("plain",))
+    with pytest.raises(ValueError, match="training"):
+        beyond.BeyondConfig(combinations=("uniform/swim",))
+    with pytest.raises(ValueError, match="method"):
+        beyond.BeyondConfig(combinations=("plain/magnitude",))
+    with pytest.raises(ValueError, match="budgets"):
+        beyond.BeyondConfig(budgets=(1.5,))
+    with pytest.raises(ValueError, match="rounds"):
+        beyond.BeyondConfig(rounds=0)
+    assert beyond.parse_combination("rcg+sa/ggn") == ("rcg+sa", "ggn")
+
+
+def _row(training, method, budget, mean, sem, p1, cost=1.0):
+    return dict(training=training, method=method, budget=budget, nwc=budget, acc_mean=mean,
+                acc_sem=sem, acc_p1=p1, acc_p5=p1, clean_acc=0.99, train_cost_steps=cost,
+                train_cost_seconds=cost)
+
+
+def test_summary_gaps_and_target():
+    rows = [_row("plain", "swim", 1.0, 0.97, 0.001, 0.95),
+            _row("plain", "swim", 0.02, 0.90, 0.003, 0.80),
+            _row("plain", "swim", 0.05, 0.93, 0.003, 0.85),
+            _row("gaussian", "ggn", 0.02, 0.962, 0.001, 0.94, 1.2),
+            _row("gaussian", "ggn", 0.05, 0.967, 0.001, 0.945, 1.2)]
+    md = beyond.summary_markdown(rows, "t")
+    assert "A_full = 97.00%" in md and "P1_full = 95.00%" in md
+    plain = next(line for line in md.splitlines() if line.startswith("| plain/swim"))
+    assert "-7.00" in plain and "-4.00" in plain and "not met" in plain
+    noise = next(line for line in md.splitlines() if line.startswith("| gaussian/ggn"))
+    se = 100 * np.hypot(0.001, 0.001)
+    assert f"-0.80 ({se:.2f})" in noise and "-0.30" in noise and "| met |" in noise
+    assert "1.20" in noise
+
+
+@pytest.mark.slow
+def test_experiment_resumes_after_an_interruption_with_one_row_per_point(tmp_path, capsys):
+    """A run killed after some rows is resumed: the rows already written are kept,
+    the others are added, and every (training, method, budget) has exactly one
+    row; a third run computes nothing and changes nothing."""
+    from experiments import beyond as binary  # noqa: F401  (flags defined)
+
+    out = str(tmp_path / "run")
+    config = beyond.BeyondConfig(**SMALL)
+    full = beyond.run_beyond(config, out)
+    points = {(t, m, b) for c in config.combinations for t, m in [c.split("/")]
+              for b in config.budgets}
+    assert {(r["training"], r["method"], r["budget"]) for r in full} == points
+    path = os.path.join(out, "results.jsonl")
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    assert len(lines) == len(points)
+    for key in ("model", "dataset", "training", "method", "budget", "nwc", "acc_mean",
+                "acc_std", "acc_sem", "acc_p1", "acc_p5", "mc_runs", "seed"):
+        assert key in json.loads(lines[0])
+    # interrupt: keep the first 4 rows and a torn fifth line
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(lines[:4])
+        f.write(lines[4][:20])
+    resumed = beyond.run_beyond(config, out)
+    rows = results.read_rows(path)
+    keys = [(r["training"], r["method"], r["budget"]) for r in rows]
+    assert len(keys) == len(set(keys)) == len(points)
+    before = {(r["training"], r["method"], r["budget"]): r["acc_mean"] for r in full}
+    after = {(r["training"], r["method"], r["budget"]): r["acc_mean"] for r in resumed}
+    assert after == before  # same keys, checkpoints reused: the same numbers
+    beyond.run_beyond(config, out)
+    assert len(results.read_rows(path)) == len(points)
+    assert os.path.exists(os.path.join(out, "accuracy_vs_nwc.png"))
+    with open(os.path.join(out, "summary.md"), encoding="utf-8") as f:
+        assert "A_full" in f.read()
+    # another configuration never mixes with these rows
+    other = beyond.BeyondConfig(**dict(SMALL, sigma_d=0.2, combinations=("plain/swim",)))
+    rows2 = beyond.run_beyond(other, out)
+    assert {r["sigma_d"] for r in rows2} == {0.2}
+    assert len(rows2) == len(other.budgets)
