@@ -380,3 +380,35 @@ def check_sweep_inputs(config: SweepInputs, out_dir: str) -> None:
     check_dataset(config.dataset, config.data_dir, n_train=config.n_train, n_test=config.n_test)
     path = config.checkpoint or sweep.default_checkpoint_path(config, out_dir)
     check_checkpoint(path, expect={"model": config.model, "dataset": config.dataset_label})
+
+
+# ------------------------------------------------------------------ processes
+
+
+def define_distributed_flags() -> None:
+    """``--coordinator_address``, ``--num_processes``, ``--process_id`` and
+    ``--distributed_auto`` for a binary that runs over several processes
+    (:mod:`swimjax.distributed`)."""
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator "
+                        "for a multi-process run (with --num_processes and --process_id).")
+    flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+    flags.DEFINE_bool("distributed_auto", False, "Join a multi-process run detected by JAX "
+                      "(SLURM, TPU pods) instead of the three explicit flags.")
+
+
+def initialize_distributed() -> None:
+    """Joins the multi-process run the flags describe (nothing for one
+    process); call it before any JAX computation."""
+    from swimjax import distributed
+
+    f = flags.FLAGS
+    explicit = (f.coordinator_address, f.num_processes, f.process_id)
+    if any(x is not None for x in explicit) and any(x is None for x in explicit):
+        fail("--coordinator_address, --num_processes and --process_id must be given together")
+    if f.num_processes is not None:
+        check_int("num_processes", f.num_processes, 1)
+        check_int("process_id", f.process_id, 0, f.num_processes - 1)
+    with user_errors():
+        distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
+                               auto=f.distributed_auto)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from absl import flags, logging
 
 from experiments import _cli
-from swimjax import data, devices, models, perturbation, sweep
+from swimjax import data, distributed, devices, models, perturbation, sweep
 
 _D = sweep.SweepConfig()
 FLAGS = flags.FLAGS
@@ -68,6 +68,7 @@ flags.DEFINE_string("device", None,
                     "unclipped Gaussian device with variation sigma_d.")
 flags.DEFINE_string("out_dir", "runs/swim", "Output directory.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
+_cli.define_distributed_flags()
 
 
 def config_from_flags() -> sweep.SweepConfig:
@@ -99,13 +100,15 @@ def main(argv: list[str]) -> None:
     ``--n_train`` / ``--n_test``, the checkpoint intact and of this model.
     """
     _cli.no_arguments(argv)
+    _cli.initialize_distributed()
     with _cli.user_errors():
         config = config_from_flags()
     _cli.check_sweep_inputs(config, FLAGS.out_dir)
     rows = sweep.run_sweep(config, FLAGS.out_dir)
-    with open(f"{FLAGS.out_dir}/summary.md", encoding="utf-8") as f:
-        print(f.read())
-    logging.info("%d points in %s/results.jsonl", len(rows), FLAGS.out_dir)
+    if distributed.is_writer():
+        with open(f"{FLAGS.out_dir}/summary.md", encoding="utf-8") as f:
+            print(f.read())
+        logging.info("%d points in %s/results.jsonl", len(rows), FLAGS.out_dir)
 
 
 if __name__ == "__main__":

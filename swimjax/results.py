@@ -84,15 +84,21 @@ class ResultsFile:
     Args:
       path: the ``.jsonl`` file (created with its directory on first append).
       key_fields: the fields that identify a point.
+      writable: False for a reader that keeps its appended rows in memory
+        only and never touches the file (the non-writing processes of a
+        multi-process run; see :mod:`swimjax.distributed`).
     """
 
-    def __init__(self, path: str | os.PathLike, key_fields: Sequence[str]):
+    def __init__(self, path: str | os.PathLike, key_fields: Sequence[str], *,
+                 writable: bool = True):
         self.path = os.fspath(path)
         self.key_fields = tuple(key_fields)
+        self.writable = bool(writable)
         self._rows = read_rows(self.path)
         self._done = {point_key(r, self.key_fields) for r in self._rows
                       if all(f in r for f in self.key_fields)}
-        self._repair_torn_tail()
+        if self.writable:
+            self._repair_torn_tail()
 
     def _repair_torn_tail(self) -> None:
         """Rewrites the file without a torn last line so appends start clean."""
@@ -128,11 +134,13 @@ class ResultsFile:
             raise ValueError(f"point {dict(zip(self.key_fields, key))} is already in {self.path}")
         clean = {k: _json_safe(v) for k, v in row.items()}
         line = json.dumps(clean, allow_nan=False) + "\n"
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        if self.writable:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        clean = json.loads(line)
         self._rows.append(clean)
         self._done.add(key)
 

@@ -57,9 +57,9 @@ from absl import logging
 
 from swimjax import __version__ as swimjax_version
 from swimjax import _validation as v
-from swimjax import (checkpoint, data as data_lib, devices, mapping, models, montecarlo,
-                     perturbation, programming, report, results, selection, sensitivity,
-                     training, write_verify)
+from swimjax import (checkpoint, data as data_lib, devices, distributed, mapping, models,
+                     montecarlo, perturbation, programming, report, results, selection,
+                     sensitivity, training, write_verify)
 
 #: What identifies a row: the configuration's digest (every setting that
 #: changes the numbers, the trained weights' and the test data's digests and the
@@ -428,7 +428,7 @@ def prepare(config: SweepConfig, out_dir: str) -> Prepared:
                                       progress=config.progress)
         trained_now = True
     acc = float(training.evaluate_accuracy(model.apply_fn, variables, data.x_test, data.y_test))
-    if trained_now:
+    if trained_now and distributed.is_writer():
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         checkpoint.save(path, variables, dict(model=config.model, dataset=config.dataset_label,
                                               seed=config.seed, test_accuracy=acc))
@@ -638,8 +638,10 @@ def run_sweep(config: SweepConfig, out_dir: str) -> list[dict[str, Any]]:
     configuration stay in the file but never enter this summary (a warning
     names the settings that differ).
     """
+    writer = distributed.is_writer()
     os.makedirs(out_dir, exist_ok=True)
-    res = results.ResultsFile(os.path.join(out_dir, "results.jsonl"), KEY_FIELDS)
+    res = results.ResultsFile(os.path.join(out_dir, "results.jsonl"), KEY_FIELDS,
+                              writable=writer)
     prep = prepare(config, out_dir)
     ident = identity(config, prep)
     cid = config_id(ident)
@@ -651,14 +653,24 @@ def run_sweep(config: SweepConfig, out_dir: str) -> list[dict[str, Any]]:
                         "this run's summary (differing: %s)", len(others), res.path,
                         "; ".join(diffs[:8]) + (" ..." if len(diffs) > 8 else ""))
     points = [(s, m, b) for s in config.sigma_d for m in config.methods for b in config.budgets]
-    todo = [p for p in points
-            if not res.has(dict(config_id=cid, sigma_d=p[0], method=p[1], budget=p[2]))]
+    # process 0's view of what is done decides for every process (one file)
+    todo_mask = distributed.broadcast(
+        [not res.has(dict(config_id=cid, sigma_d=p[0], method=p[1], budget=p[2]))
+         for p in points])
+    todo = [p for p, t in zip(points, todo_mask) if t]
     logging.info("%d of %d points to run", len(todo), len(points))
     if todo:
         _run_points(config, prep, res, base, todo)
     rows = [r for r in results.select_rows(res.rows, config_id=cid)
             if (r["sigma_d"], r["method"], r["budget"]) in
             {(results._canonical(s), m, results._canonical(b)) for s, m, b in points}]
+    if writer:
+        _write_reports(config, out_dir, rows)
+    return rows
+
+
+def _write_reports(config: SweepConfig, out_dir: str, rows: list[dict[str, Any]]) -> None:
+    """The plot(s) and ``summary.md`` of this configuration's rows."""
     summaries = []
     for s in config.sigma_d:
         rs = results.select_rows(rows, sigma_d=s)
@@ -670,7 +682,6 @@ def run_sweep(config: SweepConfig, out_dir: str) -> list[dict[str, Any]]:
         summaries.append(device_markdown(config))
     with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
         f.write("\n\n".join(summaries))
-    return rows
 
 
 @dataclasses.dataclass(frozen=True)

@@ -352,3 +352,47 @@ def test_binary_rejects_bad_nonuniform_and_device(tmp_path, flag, name):
                            f"--out_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert name in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_sweep_equals_one_process_and_resumes(tmp_path):
+    """The sweep binary on 2 CPU processes (gloo; process 0 writes) gives the
+    rows of one process with 2 devices, and resumes from a partial file."""
+    common = ["--methods=swim,random", "--budgets=0,0.1,1", "--mc_runs=4", "--n_train=256",
+              "--n_test=100", "--train_epochs=1", "--noprogress", "--nomeasure_cycles"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "experiments.swim", *common, f"--out_dir={one}"],
+                   env=env, check=True, capture_output=True, timeout=600)
+    two.mkdir()
+    for f in one.iterdir():
+        if f.suffix == ".msgpack":
+            (two / f.name).write_bytes(f.read_bytes())
+    lines = (one / "results.jsonl").read_text().splitlines()
+    (two / "results.jsonl").write_text("\n".join(lines[:2]) + "\n")  # killed after 2 points
+    env1 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "experiments.swim", *common, f"--out_dir={two}",
+         f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+        env=env1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (1, 0)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    timing = {"seconds", "mc_seconds", "select_seconds"}
+    a = {(r["method"], r["budget"]): r for r in _rows(one)}
+    b = _rows(two)
+    assert len(b) == 6 and len({(r["method"], r["budget"]) for r in b}) == 6
+    for r in b:
+        want = a[(r["method"], r["budget"])]
+        same = {k: v for k, v in want.items() if k not in timing}
+        assert {k: v for k, v in r.items() if k not in timing} == same
+    assert (two / "summary.md").exists()
