@@ -84,7 +84,24 @@ def run(main: Callable[[list[str]], Any]) -> None:
         except (UserError, app.UsageError) as err:
             fail(err)
 
+    use_every_cpu_core()
     app.run(guarded, flags_parser=parse_flags)
+
+
+def use_every_cpu_core() -> None:
+    """One XLA CPU device per core (``--xla_force_host_platform_device_count``
+    in ``$XLA_FLAGS``, unless already set), before JAX starts its backend.
+
+    One XLA CPU device runs the small operations of a Monte-Carlo group on
+    about one core; with one device per core the runs are sharded over all of
+    them (results do not depend on the device count). Training and other
+    unsharded work run on the first device as before. A user's own
+    ``$XLA_FLAGS`` setting wins."""
+    current = os.environ.get("XLA_FLAGS", "")
+    cores = os.cpu_count() or 1
+    if cores > 1 and "xla_force_host_platform_device_count" not in current:
+        os.environ["XLA_FLAGS"] = \
+            f"{current} --xla_force_host_platform_device_count={cores}".strip()
 
 
 @contextlib.contextmanager
