@@ -28,7 +28,7 @@ flags.DEFINE_integer("seed", _D.seed, "Seed for training, error-model tables and
 flags.DEFINE_integer("float_epochs", None, "Epochs of the floating-point model (default: the "
                      "model's default).")
 flags.DEFINE_integer("n_train", None, "Training images (default: all).")
-flags.DEFINE_integer("n_test", None, "Test images (default: all).")
+flags.DEFINE_integer("n_test", _D.n_test, "Test images (0: all).")
 flags.DEFINE_enum("macro", _D.macro, list(crossbar.PRESETS), "Macro preset.")
 flags.DEFINE_integer("rows", None, "Rows summed per partial sum (default: the preset's).")
 flags.DEFINE_integer("dac_bits", None, "Input DAC bits (default: the preset's).")
@@ -61,7 +61,7 @@ def config_from_flags() -> dnat.DnatConfig:
     return dnat.DnatConfig(
         model=FLAGS.model, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
         checkpoint=FLAGS.checkpoint, seed=FLAGS.seed, float_epochs=FLAGS.float_epochs,
-        n_train=FLAGS.n_train, n_test=FLAGS.n_test, macro=FLAGS.macro, rows=FLAGS.rows,
+        n_train=FLAGS.n_train, n_test=FLAGS.n_test or None, macro=FLAGS.macro, rows=FLAGS.rows,
         dac_bits=FLAGS.dac_bits, adc_bits=FLAGS.adc_bits, weight_bits=FLAGS.weight_bits,
         adc_range=FLAGS.adc_range, error_model=FLAGS.error_model, layers=FLAGS.layers,
         trainings=tuple(FLAGS.trainings), gradients=tuple(FLAGS.gradients),
