@@ -28,7 +28,7 @@ other processes hits all alike):
   overhead (the paper: about 2x). Not every backend implements the analysis:
   then the fields are null.
 
-  python -m benchmarks.crossbar [--batch_size 16] [--repeats 3] [--json out.json]
+  python -m benchmarks.crossbar [--batch_size 8] [--repeats 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from absl import flags
 from experiments import _cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("batch_size", 16, "Images per forward pass and training step.")
-flags.DEFINE_integer("repeats", 3, "Timed calls per variant (median).")
+flags.DEFINE_integer("batch_size", 8, "Images per forward pass and training step.")
+flags.DEFINE_integer("repeats", 2, "Timed calls per variant (median).")
 flags.DEFINE_string("macro", "dnat", "Macro preset (swimjax.crossbar.PRESETS).")
 flags.DEFINE_string("error_model", "dnat_like", "Synthetic error-model preset.")
 flags.DEFINE_string("model", "resnet20", "Zoo model (32x32x3 inputs).")
