@@ -68,6 +68,9 @@ flags.DEFINE_string("device", None,
                     "unclipped Gaussian device with variation sigma_d.")
 flags.DEFINE_string("out_dir", "runs/swim", "Output directory.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
+flags.DEFINE_float("kpp", _D.kpp, "k of the k-th percentile accuracy recorded in every row.")
+flags.DEFINE_float("threshold", None, "Rows record the fraction of runs below this accuracy "
+                   "(a fraction; default: 1 point below the clean accuracy).")
 _cli.define_distributed_flags()
 
 
@@ -86,7 +89,7 @@ def config_from_flags() -> sweep.SweepConfig:
         sigma_read=FLAGS.sigma_read, chunk_size=FLAGS.chunk_size,
         measure_cycles=FLAGS.measure_cycles, progress=FLAGS.progress,
         nonuniform_factor=1.0 if FLAGS.nonuniform is None else FLAGS.nonuniform,
-        device=FLAGS.device)
+        device=FLAGS.device, kpp=FLAGS.kpp, threshold=FLAGS.threshold)
 
 
 def main(argv: list[str]) -> None:

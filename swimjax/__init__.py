@@ -19,12 +19,16 @@ The core (depends on jax and numpy only):
                  with a straight-through or statistical gradient (D-MAC-EM)
   crossbar       the CiM macro's multiply-accumulate (DAC, arrays of R rows, cell
                  slices, ADC, error model) applied to any apply_fn
+  worstcase      the worst-case weight perturbation in a box (PGD, Carlini-Wagner)
+  distributed    multi-process runs (jax.distributed): who writes, what to run
 
 Around it:
   models, data, training, checkpoint   model zoo (flax), datasets, optax training,
                                        safe checkpoints
-  sweep, results, report               the SWIM sweep, resumable results, plots and
-                                       tables (datasets and plots need the
+  sweep, dnat, reliability             the SWIM sweep, the D-NAT experiment, drift
+                                       and fault experiments
+  results, report                      resumable results, plots and tables
+                                       (datasets and plots need the
                                        ``experiments`` extra)
 """
 
@@ -38,15 +42,17 @@ __version__ = "0.1.0"
 #: The modules ``swimjax.<name>`` gives, imported on first attribute access.
 __all__ = [
     "mapping", "devices", "write_verify", "programming", "perturbation", "montecarlo",
-    "sensitivity", "selection", "quantizers", "mac_error", "crossbar",
+    "sensitivity", "selection", "quantizers", "mac_error", "crossbar", "worstcase",
+    "distributed",
     "models", "data", "training", "checkpoint",
-    "sweep", "results", "report",
+    "sweep", "dnat", "reliability", "results", "report",
 ]
 
 if TYPE_CHECKING:  # static analysers and IDEs see the modules as attributes
-    from swimjax import (checkpoint, crossbar, data, devices, mac_error, mapping, models,
-                         montecarlo, perturbation, programming, quantizers, report, results,
-                         selection, sensitivity, sweep, training, write_verify)
+    from swimjax import (checkpoint, crossbar, data, devices, distributed, dnat, mac_error,
+                         mapping, models, montecarlo, perturbation, programming, quantizers,
+                         reliability, report, results, selection, sensitivity, sweep,
+                         training, worstcase, write_verify)
 
 
 def __getattr__(name: str) -> Any:

@@ -136,16 +136,10 @@ def resolve_device(spec: str) -> devices.DevicePreset:
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"device must be a preset name or a JSON file path, got {spec!r}")
     if _is_path(spec):
-        loader = getattr(devices, "load_preset", None)
-        if loader is None:
-            raise ValueError(f"device: JSON preset files are not supported by this version of "
-                             f"swimjax.devices; use a preset name, one of {sorted(devices.PRESETS)}")
         if not os.path.exists(spec):
             raise FileNotFoundError(f"device: no preset file {spec!r}")
-        return loader(spec)
-    names = tuple(devices.preset_names()) if hasattr(devices, "preset_names") \
-        else tuple(devices.PRESETS)
-    v.check_choice("device", spec, names)
+        return devices.load_preset(spec)
+    v.check_choice("device", spec, tuple(devices.preset_names()))
     return devices.preset(spec)
 
 
@@ -213,6 +207,10 @@ class SweepConfig:
         (``sigma_read`` > 0 replaces its read noise); ``sigma_d`` then sets the
         statistical model only. The loop of a preset with a state-dependent
         (polynomial) variation needs ``tolerance``.
+      kpp: the k of the k-th percentile performance recorded in every row
+        (``acc_kpp``), in [0, 100].
+      threshold: rows record the fraction of runs below this accuracy
+        (``p_below_threshold``); None: 1 point below the clean accuracy.
     """
 
     model: str = "lenet"
@@ -241,8 +239,13 @@ class SweepConfig:
     progress: bool = True
     nonuniform_factor: float = 1.0
     device: str | None = None
+    kpp: float = 1.0
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
+        v.check_range("kpp", self.kpp, 0.0, 100.0)
+        if self.threshold is not None:
+            v.check_range("threshold", self.threshold, 0.0, 1.0)
         if not self.methods:
             raise ValueError("methods must name at least one selection method")
         for m in self.methods:
@@ -812,10 +815,14 @@ def _evaluate_points(config: SweepConfig, params: Any, apply_fn: Callable, selec
                                           progress=config.progress):
             seconds = round((time.perf_counter() - t0) / len(users[i]), 3)
             for p in users[i]:
-                s = mc.summary
+                thr = (config.threshold if config.threshold is not None
+                       else max(0.0, float(mc.clean_accuracy) - 0.01))
+                s = montecarlo.summarize(mc.accuracy, kpp=(config.kpp,), threshold=thr)
                 row = dict(base, method=p.method, budget=p.budget, sigma_d=p.sigma_d,
                            **p.fields, acc_mean=s.mean, acc_std=s.std, acc_sem=s.sem,
                            acc_p1=s.p1, acc_p5=s.p5, acc_min=s.min, acc_max=s.max,
+                           kpp=config.kpp, acc_kpp=s.kpp(config.kpp), threshold=thr,
+                           p_below_threshold=s.p_below,
                            clean_acc=float(mc.clean_accuracy),
                            loss_mean=float(np.mean(mc.loss)), mc_seconds=seconds)
                 res.append(row)

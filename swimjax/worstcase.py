@@ -58,7 +58,6 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from swimjax import _validation as v
 from swimjax import mapping
@@ -396,7 +395,7 @@ def _cw_step(apply_fn, opt, w, opt_state, params, bound, xb, yb, wb, kappa, c, n
 
     (_, (loss, correct, delta)), g = jax.value_and_grad(objective, has_aux=True)(w)
     updates, opt_state = opt.update(g, opt_state, w)
-    return optax.apply_updates(w, updates), opt_state, loss, correct, delta
+    return jax.tree.map(jnp.add, w, updates), opt_state, loss, correct, delta
 
 
 def carlini_wagner(key: jax.Array, apply_fn: ApplyFn, params: Any, x: Any, y: Any, bound: Any,
@@ -416,6 +415,8 @@ def carlini_wagner(key: jax.Array, apply_fn: ApplyFn, params: Any, x: Any, y: An
     bound, (xb, yb, wb), kappa = _prepare(apply_fn, params, x, y, bound, config)
     n = np.shape(y)[0]
     n_w = max(1, sum(int(np.count_nonzero(np.asarray(b))) for b in jax.tree.leaves(bound)))
+    import optax  # training-side dependency (it loads absl): only for C&W
+
     opt = optax.adam(config.cw_lr)
     lo, hi, c = 0.0, math.inf, config.c_init
     best, best_delta, best_c, history = None, None, None, []

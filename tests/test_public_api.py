@@ -17,8 +17,10 @@ import swimjax as sj
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CORE = ("mapping", "devices", "write_verify", "programming", "perturbation", "montecarlo",
-        "sensitivity", "selection", "quantizers", "mac_error", "crossbar")
-AROUND = ("models", "data", "training", "checkpoint", "sweep", "results", "report")
+        "sensitivity", "selection", "quantizers", "mac_error", "crossbar", "worstcase",
+        "distributed")
+AROUND = ("models", "data", "training", "checkpoint", "sweep", "dnat", "reliability", "results",
+          "report")
 # Binary-side dependencies that importing the package or its core must not load.
 HEAVY = ("tensorflow_datasets", "tensorflow", "matplotlib", "mlxtend", "absl", "sklearn",
          "pandas", "scipy")
