@@ -25,8 +25,9 @@ The core (depends on jax and numpy only):
 Around it:
   models, data, training, checkpoint   model zoo (flax), datasets, optax training,
                                        safe checkpoints
-  sweep, dnat, reliability             the SWIM sweep, the D-NAT experiment, drift
-                                       and fault experiments
+  sweep, dnat, reliability, beyond     the SWIM sweep, the D-NAT experiment, drift
+                                       and fault experiments, variation-aware training
+                                       with selection
   results, report                      resumable results, plots and tables
                                        (datasets and plots need the
                                        ``experiments`` extra)
@@ -45,14 +46,14 @@ __all__ = [
     "sensitivity", "selection", "quantizers", "mac_error", "crossbar", "worstcase",
     "distributed",
     "models", "data", "training", "checkpoint",
-    "sweep", "dnat", "reliability", "results", "report",
+    "sweep", "dnat", "reliability", "beyond", "results", "report",
 ]
 
 if TYPE_CHECKING:  # static analysers and IDEs see the modules as attributes
-    from swimjax import (checkpoint, crossbar, data, devices, distributed, dnat, mac_error,
-                         mapping, models, montecarlo, perturbation, programming, quantizers,
-                         reliability, report, results, selection, sensitivity, sweep,
-                         training, worstcase, write_verify)
+    from swimjax import (beyond, checkpoint, crossbar, data, devices, distributed, dnat,
+                         mac_error, mapping, models, montecarlo, perturbation, programming,
+                         quantizers, reliability, report, results, selection, sensitivity,
+                         sweep, training, worstcase, write_verify)
 
 
 def __getattr__(name: str) -> Any:

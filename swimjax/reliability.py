@@ -54,7 +54,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 import time
 import zlib

@@ -67,3 +67,12 @@ def test_crossbar_benchmark_runs(tmp_path):
         mem = res["train_memory"][key]
         assert mem["peak_bytes"] is None or mem["peak_bytes"] > 0
     assert math.isfinite(res["train_time_overhead"]) and res["train_time_overhead"] > 0
+
+
+@pytest.mark.slow
+def test_processes_benchmark_smoke(tmp_path):
+    out = tmp_path / "p.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.processes", "--n_runs=2", "--n_images=8",
+                    "--repeats=1", f"--json={out}"], check=True, capture_output=True, timeout=600)
+    r = json.loads(out.read_text())
+    assert r["identical_accuracies"] and r["throughput_ratio_two_over_one"] > 0

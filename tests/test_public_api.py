@@ -19,8 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE = ("mapping", "devices", "write_verify", "programming", "perturbation", "montecarlo",
         "sensitivity", "selection", "quantizers", "mac_error", "crossbar", "worstcase",
         "distributed")
-AROUND = ("models", "data", "training", "checkpoint", "sweep", "dnat", "reliability", "results",
-          "report")
+AROUND = ("models", "data", "training", "checkpoint", "sweep", "dnat", "reliability", "beyond",
+          "results", "report")
 # Binary-side dependencies that importing the package or its core must not load.
 HEAVY = ("tensorflow_datasets", "tensorflow", "matplotlib", "mlxtend", "absl", "sklearn",
          "pandas", "scipy")

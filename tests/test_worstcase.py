@@ -3,7 +3,6 @@ experiment binary; U-SWIM's non-uniform sigmas."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 
