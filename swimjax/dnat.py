@@ -41,7 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from swimjax import __version__ as swimjax_version
 from swimjax import _validation as v
 from swimjax import (checkpoint, crossbar, data as data_lib, mac_error, models, montecarlo,
                      quantizers, report, results, sweep, training)
@@ -157,6 +156,11 @@ class DnatConfig:
             if getattr(self, name) is not None:
                 v.check_int(name, getattr(self, name), 1, None)
         self.macro_config()  # validates the overrides
+
+    @property
+    def dataset_label(self) -> str:
+        """The dataset's name for files and rows (:func:`swimjax.data.dataset_label`)."""
+        return data_lib.dataset_label(self.dataset)
 
     def macro_config(self) -> crossbar.MacroConfig:
         """The preset with this config's overrides."""
@@ -278,17 +282,12 @@ def _noisy_apply(macro: crossbar.MacroApply) -> Callable:
 
 
 def identity(config: DnatConfig, prep: sweep.Prepared) -> dict[str, Any]:
-    """Every setting a row depends on (see :func:`swimjax.sweep.identity`), with
-    the macro's resolved values and the error model's digest."""
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-              if f.name not in NON_IDENTITY_FIELDS + ("checkpoint", "data_dir")}
-    fields["dataset"] = sweep.SweepConfig(dataset=config.dataset).dataset_label
+    """Every setting a row depends on (:func:`swimjax.sweep.config_fields`),
+    with the macro's resolved values and the error model's digest."""
+    fields = sweep.config_fields(config, prep, NON_IDENTITY_FIELDS)
     fields["macro_config"] = dataclasses.asdict(config.macro_config())
     em = error_model_for(config)
-    fields.update(weights_sha256=prep.weights_sha256,
-                  error_model_sha256=hashlib.sha256(np.asarray(em.table).tobytes()).hexdigest(),
-                  test_data_sha256=sweep.identity(config.sweep_config(), prep)["test_data_sha256"],
-                  swimjax_version=swimjax_version)
+    fields["error_model_sha256"] = hashlib.sha256(np.asarray(em.table).tobytes()).hexdigest()
     return json.loads(json.dumps(fields, sort_keys=True, default=str))
 
 

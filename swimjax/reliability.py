@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import time
@@ -64,7 +63,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from swimjax import __version__ as swimjax_version
 from swimjax import _random
 from swimjax import _validation as v
 from swimjax import (data as data_lib, devices, mapping, models, montecarlo, perturbation,
@@ -73,8 +71,8 @@ from swimjax import (data as data_lib, devices, mapping, models, montecarlo, per
 from swimjax.perturbation import Perturbation
 
 __all__ = [
-    'DEFAULT_DEVICE', 'DEFAULT_DEVICE_BITS', 'DEFAULT_FAULT_RATES', 'DEFAULT_TIMES', 'DriftState', 'FaultState',
-    'KEY_FIELDS', 'MODES', 'ReliabilityConfig', 'SCHEMES', 'config_id', 'drift_perturbation',
+    'DEFAULT_DEVICE', 'DEFAULT_DEVICE_BITS', 'DEFAULT_FAULT_RATES', 'DEFAULT_TIMES', 'DriftState',
+    'FaultState', 'KEY_FIELDS', 'MODES', 'ReliabilityConfig', 'SCHEMES', 'drift_perturbation',
     'fault_perturbation', 'identity', 'pin_stuck', 'program_with_faults', 'run', 'time_label'
 ]
 
@@ -249,10 +247,8 @@ class ReliabilityConfig:
 
     @property
     def dataset_label(self) -> str:
-        """The dataset's name for files and rows (a path's file stem)."""
-        if self.dataset.endswith(".npz"):
-            return os.path.splitext(os.path.basename(self.dataset))[0]
-        return self.dataset.replace("/", "_")
+        """The dataset's name for files and rows (:func:`swimjax.data.dataset_label`)."""
+        return data_lib.dataset_label(self.dataset)
 
     def mapping_config(self) -> mapping.MappingConfig:
         return mapping.MappingConfig(weight_bits=self.weight_bits, device_bits=self.device_bits,
@@ -544,36 +540,18 @@ def fault_perturbation(mapping_cfg: mapping.MappingConfig, device: devices.Devic
 # Orchestration
 # ----------------------------------------------------------------------------
 
-def _digest(*arrays: Any) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(memoryview(a).cast("B"))
-    return h.hexdigest()
-
-
 def identity(config: ReliabilityConfig, prep: sweep.Prepared) -> dict[str, Any]:
-    """Every setting a row's numbers depend on (JSON-able): the config's
-    fields but :data:`NON_IDENTITY_FIELDS`, the preset's every value (so an
-    edited preset file never reuses old rows), the write-verify loop, the
-    weights' and test data's digests and the version."""
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-              if f.name not in NON_IDENTITY_FIELDS}
-    fields["dataset"] = config.dataset_label
+    """Every setting a row's numbers depend on (JSON-able):
+    :func:`swimjax.sweep.config_fields` (the config's fields but
+    :data:`NON_IDENTITY_FIELDS`, the weights' and test data's digests, the
+    version), the preset's every value (so an edited preset file never reuses
+    old rows) and the write-verify loop."""
+    fields = sweep.config_fields(config, prep, NON_IDENTITY_FIELDS)
     fields["preset"] = devices.preset_to_dict(config.preset())
     if config.mode == "faults":
         wv = config.write_verify_config()
         fields.update(wv_tolerance=wv.tolerance, wv_max_pulses=wv.max_pulses)
-    fields.update(weights_sha256=prep.weights_sha256,
-                  test_data_sha256=_digest(prep.data.x_test, prep.data.y_test),
-                  swimjax_version=swimjax_version)
     return json.loads(json.dumps(fields, sort_keys=True, default=str))
-
-
-def config_id(ident: dict[str, Any]) -> str:
-    """A short digest of :func:`identity` (16 hex digits)."""
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _points(config: ReliabilityConfig) -> list[dict[str, Any]]:
@@ -620,7 +598,7 @@ def run(config: ReliabilityConfig, out_dir: str) -> list[dict[str, Any]]:
     res = results.ResultsFile(os.path.join(out_dir, "results.jsonl"), KEY_FIELDS)
     prep = sweep.prepare(config, out_dir)
     ident = identity(config, prep)
-    cid = config_id(ident)
+    cid = sweep.config_id(ident)
     others = [r for r in res.rows if r.get("config_id") != cid]
     if others:
         diffs = sorted({k for r in others for k in ident

@@ -321,10 +321,8 @@ class SweepConfig:
 
     @property
     def dataset_label(self) -> str:
-        """The dataset's name for files and rows (a path's file stem)."""
-        if self.dataset.endswith(".npz"):
-            return os.path.splitext(os.path.basename(self.dataset))[0]
-        return self.dataset.replace("/", "_")
+        """The dataset's name for files and rows (:func:`swimjax.data.dataset_label`)."""
+        return data_lib.dataset_label(self.dataset)
 
     def mapping_config(self) -> mapping.MappingConfig:
         """Sign-bit mapping: K devices per weight, as in SWIM's error model, so

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from swimjax import devices as dv
-from swimjax import mapping, montecarlo, programming, reliability
+from swimjax import mapping, montecarlo, programming, reliability, sweep
 from swimjax import write_verify as wv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,7 +192,7 @@ def test_identity_covers_preset_file_values(tmp_path):
 
     ia, ib = reliability.identity(a, _Prep), reliability.identity(b, _Prep)
     assert ia["preset"]["drift"]["nu_mean"] == 0.05
-    assert reliability.config_id(ia) != reliability.config_id(ib)
+    assert sweep.config_id(ia) != sweep.config_id(ib)
 
 
 # ---------------------------------------------------------------------------
