@@ -74,8 +74,10 @@ class ProgrammingResult(NamedTuple):
         budget outside tolerance.
       residual_sq_sum: float32 scalar: ``sum (g - target)^2`` over verified
         devices (normalized full-scale units squared), failed ones included.
+      n_stuck_devices: int32 scalar: devices stuck at g_min or g_max (0
+        unless :func:`program_params` was given ``p_stuck``).
 
-    The three scalars are arrays (so the result stays a pytree under ``jit``
+    The scalars are arrays (so the result stays a pytree under ``jit``
     and ``vmap``); the properties turn them into Python numbers (eager only).
     """
 
@@ -85,6 +87,7 @@ class ProgrammingResult(NamedTuple):
     n_verified_devices: jax.Array
     n_failed_devices: jax.Array
     residual_sq_sum: jax.Array
+    n_stuck_devices: Any = 0
 
     @property
     def total_cycles(self) -> int:
@@ -163,8 +166,10 @@ def _per_weight(x: jax.Array, cfg: mapping.MappingConfig, reduce: Any) -> jax.Ar
     return reduce(x, axis=_device_axes(cfg))
 
 
-@functools.partial(jax.jit, static_argnames=("selected", "mapping_cfg", "device", "wv_config"))
-def _program_impl(key, params, mask, *, selected, mapping_cfg, device, wv_config):
+@functools.partial(jax.jit, static_argnames=("selected", "mapping_cfg", "device", "wv_config",
+                                             "faults"))
+def _program_impl(key, params, mask, p_stuck, *, selected, mapping_cfg, device, wv_config,
+                  faults):
     treedef = jax.tree_util.tree_structure(params)
     leaves = treedef.flatten_up_to(params)
     masks = treedef.flatten_up_to(mask)
@@ -172,6 +177,7 @@ def _program_impl(key, params, mask, *, selected, mapping_cfg, device, wv_config
               for i, (w, s) in enumerate(zip(leaves, selected)) if s}
     out_params, out_cycles, out_failed = list(leaves), [], []
     stats = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+    n_stuck = jnp.zeros((), jnp.int32)
     if mapped:
         idx = sorted(mapped)
         gs = [mapped[i].g for i in idx]
@@ -179,7 +185,16 @@ def _program_impl(key, params, mask, *, selected, mapping_cfg, device, wv_config
         target = jnp.concatenate([g.astype(dtype).ravel() for g in gs])
         vmask = jnp.concatenate(
             [jnp.broadcast_to(masks[i], mapped[i].g.shape).ravel() for i in idx])
-        res = wv.explicit(device, wv_config)(key, target, vmask)
+        if faults:  # stuck devices drawn from split(key)[1], the loop on split(key)[0]
+            k_prog, k_stuck = jax.random.split(key)
+            res = wv.explicit(device, wv_config)(k_prog, target, vmask)
+            p = jnp.asarray(p_stuck, jnp.float32)
+            stuck = devices.stuck_from_uniform(jax.random.uniform(k_stuck, target.shape),
+                                               p / 2, p / 2)
+            res = wv.pin_stuck(k_prog, res, target, vmask, stuck, device, wv_config)
+            n_stuck = jnp.sum(stuck.at_min | stuck.at_max, dtype=jnp.int32)
+        else:
+            res = wv.explicit(device, wv_config)(key, target, vmask)
         err = (res.g - target).astype(jnp.float32)
         stats = (jnp.sum(vmask, dtype=jnp.int32), jnp.sum(res.failed, dtype=jnp.int32),
                  jnp.sum(jnp.where(vmask, err * err, 0.0)))
@@ -200,12 +215,12 @@ def _program_impl(key, params, mask, *, selected, mapping_cfg, device, wv_config
             out_cycles.append(jnp.zeros(jnp.shape(w), jnp.int32))
             out_failed.append(jnp.zeros(jnp.shape(w), bool))
     return ProgrammingResult(treedef.unflatten(out_params), treedef.unflatten(out_cycles),
-                             treedef.unflatten(out_failed), *stats)
+                             treedef.unflatten(out_failed), *stats, n_stuck)
 
 
 def program_params(key: jax.Array, params: Any, mask: Any, mapping_cfg: mapping.MappingConfig,
                    device: devices.DeviceConfig, wv_config: wv.WriteVerifyConfig,
-                   selected: Any | None = None) -> ProgrammingResult:
+                   selected: Any | None = None, *, p_stuck: Any = None) -> ProgrammingResult:
     """Programs a parameter pytree onto devices with explicit write-verify.
 
     Args:
@@ -220,6 +235,13 @@ def program_params(key: jax.Array, params: Any, mask: Any, mapping_cfg: mapping.
       wv_config: the write-verify scheme (tolerance in full-scale units).
       selected: pytree of Python bools like ``params`` (which leaves are
         mapped); default :func:`swimjax.mapping.mapped_leaves`.
+      p_stuck: None (no faults) or the fraction in ``[0, 1]`` of devices stuck
+        (half at ``g_min``, half at ``g_max``, drawn from ``split(key)[1]``;
+        the loop then runs on ``split(key)[0]``); a scalar that may be traced.
+        Stuck devices stay at their stuck value through the loop
+        (:func:`swimjax.write_verify.pin_stuck`): write-verify cannot repair
+        them, spends its pulse budget and counts them failed unless the stuck
+        value is within tolerance.
 
     Returns:
       :class:`ProgrammingResult`: ``params``, ``cycles`` and ``failed`` per
@@ -235,8 +257,11 @@ def program_params(key: jax.Array, params: Any, mask: Any, mapping_cfg: mapping.
                    device=(device, devices.DeviceConfig),
                    wv_config=(wv_config, wv.WriteVerifyConfig))
     sel = _check_inputs(params, mask, selected)
-    return _program_impl(key, params, mask, selected=sel, mapping_cfg=mapping_cfg,
-                         device=device, wv_config=wv_config)
+    if p_stuck is not None and not isinstance(p_stuck, jax.core.Tracer):
+        v.check_range("p_stuck", p_stuck, 0.0, 1.0)
+    return _program_impl(key, params, mask, 0.0 if p_stuck is None else p_stuck, selected=sel,
+                         mapping_cfg=mapping_cfg, device=device, wv_config=wv_config,
+                         faults=p_stuck is not None)
 
 
 @functools.partial(jax.jit, static_argnames=("selected", "mapping_cfg", "truncate"))

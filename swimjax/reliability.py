@@ -51,7 +51,6 @@ Rows carry the Monte-Carlo summary including the tail metrics of
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -73,7 +72,7 @@ from swimjax.perturbation import Perturbation
 __all__ = [
     'DEFAULT_DEVICE', 'DEFAULT_DEVICE_BITS', 'DEFAULT_FAULT_RATES', 'DEFAULT_TIMES', 'DriftState',
     'FaultState', 'KEY_FIELDS', 'MODES', 'ReliabilityConfig', 'SCHEMES', 'drift_perturbation',
-    'fault_perturbation', 'identity', 'pin_stuck', 'program_with_faults', 'run', 'time_label'
+    'fault_perturbation', 'identity', 'program_with_faults', 'run', 'time_label'
 ]
 
 MODES = ("drift", "faults")
@@ -404,97 +403,11 @@ class FaultState(NamedTuple):
     p_stuck: jax.Array
 
 
-def pin_stuck(key: jax.Array, result: write_verify.WriteVerifyResult, target: jax.Array,
-              verify_mask: jax.Array, stuck: devices.StuckFaults,
-              device: devices.DeviceConfig, config: write_verify.WriteVerifyConfig
-              ) -> write_verify.WriteVerifyResult:
-    """The outcome of :func:`swimjax.write_verify.explicit` (``result``, run
-    with ``key`` on flat ``target``) had the stuck devices been pinned at
-    their stuck value after the open-loop write and after every pulse.
-
-    Devices are independent in the loop (each draws its own noise from the
-    iteration's keys), so the other devices are unchanged and a stuck one is
-    replayed exactly: it reads ``value + read noise`` (the loop's read keys,
-    :func:`swimjax.write_verify.iteration_keys`), passes on the first read
-    within tolerance (cycles = that read's index) and otherwise spends the
-    budget (``1 + max_pulses`` cycles) and fails. Unverified stuck devices
-    cost their one write. All arrays flat, of ``target``'s shape.
-    """
-    value = jnp.where(stuck.at_min, 0.0, 1.0).astype(target.dtype)
-    is_stuck = stuck.at_min | stuck.at_max
-    verified = jnp.broadcast_to(verify_mask, target.shape)
-    n_reads = config.max_pulses + 1
-    tol = jnp.asarray(config.tolerance, target.dtype)
-    if device.sigma_read == 0.0:
-        passed = jnp.abs(value - target) <= tol
-        first = jnp.ones(target.shape, jnp.int32)
-    else:
-        def body(i, carry):
-            first, passed = carry
-            k_read, _ = write_verify.iteration_keys(key, i)
-            r = devices.read(k_read, value, device)
-            hit = ~passed & (jnp.abs(r - target) <= tol)
-            return jnp.where(hit, i, first), passed | hit
-        first, passed = jax.lax.fori_loop(
-            1, n_reads + 1, body,
-            (jnp.full(target.shape, n_reads, jnp.int32), jnp.zeros(target.shape, bool)))
-    cycles = jnp.where(verified, jnp.where(passed, first, n_reads), 1).astype(jnp.int32)
-    failed = verified & ~passed
-    return write_verify.WriteVerifyResult(
-        g=jnp.where(is_stuck, value, result.g),
-        cycles=jnp.where(is_stuck, cycles, result.cycles),
-        failed=jnp.where(is_stuck, failed, result.failed))
-
-
 class FaultProgramming(NamedTuple):
     """:class:`swimjax.programming.ProgrammingResult` plus the number of stuck devices."""
 
     result: programming.ProgrammingResult
     n_stuck_devices: jax.Array
-
-
-@functools.partial(jax.jit, static_argnames=("selected", "mapping_cfg", "device", "wv_config"))
-def _faults_impl(key, params, mask, p_stuck, *, selected, mapping_cfg, device, wv_config):
-    k_prog, k_stuck = jax.random.split(key)
-    treedef = jax.tree_util.tree_structure(params)
-    leaves = treedef.flatten_up_to(params)
-    masks = treedef.flatten_up_to(mask)
-    idx = [i for i, s in enumerate(selected) if s]
-    mapped = {i: mapping.to_conductances(leaves[i], mapping_cfg) for i in idx}
-    out_params = list(leaves)
-    out_cycles = [jnp.zeros(jnp.shape(w), jnp.int32) for w in leaves]
-    out_failed = [jnp.zeros(jnp.shape(w), bool) for w in leaves]
-    zero = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32),
-            jnp.zeros((), jnp.int32))
-    if not idx:
-        return FaultProgramming(programming.ProgrammingResult(
-            params, treedef.unflatten(out_cycles), treedef.unflatten(out_failed), *zero[:3]),
-            zero[3])
-    gs = [mapped[i].g for i in idx]
-    dtype = jnp.result_type(*gs)
-    target = jnp.concatenate([g.astype(dtype).ravel() for g in gs])
-    vmask = jnp.concatenate([jnp.broadcast_to(masks[i], mapped[i].g.shape).ravel()
-                             for i in idx])
-    res = write_verify.explicit(device, wv_config)(k_prog, target, vmask)
-    p = jnp.asarray(p_stuck, jnp.float32)
-    stuck = devices.stuck_from_uniform(jax.random.uniform(k_stuck, target.shape), p / 2, p / 2)
-    res = pin_stuck(k_prog, res, target, vmask, stuck, device, wv_config)
-    err = (res.g - target).astype(jnp.float32)
-    stats = (jnp.sum(vmask, dtype=jnp.int32), jnp.sum(res.failed, dtype=jnp.int32),
-             jnp.sum(jnp.where(vmask, err * err, 0.0)))
-    axes = (0, 1) if mapping_cfg.sign == "differential" else (0,)
-    offsets = np.cumsum([0] + [g.size for g in gs])
-    for j, i in enumerate(idx):
-        sl = slice(int(offsets[j]), int(offsets[j + 1]))
-        shape = gs[j].shape
-        g = res.g[sl].reshape(shape).astype(gs[j].dtype)
-        out_params[i] = mapping.from_conductances(mapped[i]._replace(g=g), mapping_cfg)
-        out_cycles[i] = jnp.sum(res.cycles[sl].reshape(shape), axis=axes).astype(jnp.int32)
-        out_failed[i] = jnp.any(res.failed[sl].reshape(shape), axis=axes)
-    n_stuck = jnp.sum(stuck.at_min | stuck.at_max, dtype=jnp.int32)
-    return FaultProgramming(programming.ProgrammingResult(
-        treedef.unflatten(out_params), treedef.unflatten(out_cycles),
-        treedef.unflatten(out_failed), *stats), n_stuck)
 
 
 def program_with_faults(key: jax.Array, params: Any, mask: Any, p_stuck: float,
@@ -504,13 +417,12 @@ def program_with_faults(key: jax.Array, params: Any, mask: Any, p_stuck: float,
     """:func:`swimjax.programming.program_params` on an array with a fraction
     ``p_stuck`` of stuck devices (half at ``g_min``, half at ``g_max``, drawn
     from ``split(key)[1]``; the loop uses ``split(key)[0]``), stuck devices
-    pinned through the loop (:func:`pin_stuck`): a stuck device is never
+    pinned through the loop (:func:`swimjax.write_verify.pin_stuck`): a stuck device is never
     repaired and, unless its stuck value is within tolerance of its target,
     spends the pulse budget and is counted in ``n_failed_devices``."""
-    v.check_range("p_stuck", p_stuck, 0.0, 1.0)
-    sel = programming._check_inputs(params, mask, selected)
-    return _faults_impl(key, params, mask, p_stuck, selected=sel, mapping_cfg=mapping_cfg,
-                        device=device, wv_config=wv_config)
+    res = programming.program_params(key, params, mask, mapping_cfg, device, wv_config,
+                                     selected, p_stuck=p_stuck)
+    return FaultProgramming(res, res.n_stuck_devices)
 
 
 def fault_perturbation(mapping_cfg: mapping.MappingConfig, device: devices.DeviceConfig,
@@ -529,9 +441,8 @@ def fault_perturbation(mapping_cfg: mapping.MappingConfig, device: devices.Devic
                           jnp.float32(p_stuck))
 
     def apply(key: jax.Array, params: Any, state: FaultState) -> Any:
-        return _faults_impl(key, params, state.mask, state.p_stuck,
-                            selected=_leaves(params, selected), mapping_cfg=mapping_cfg,
-                            device=device, wv_config=wv_config).result.params
+        return programming.program_params(key, params, state.mask, mapping_cfg, device,
+                                          wv_config, selected, p_stuck=state.p_stuck).params
 
     return Perturbation(init, apply)
 

@@ -87,6 +87,7 @@ from swimjax import _validation as v
 from swimjax import devices
 
 __all__ = [
+    'pin_stuck',
     'LoopStats', 'MAX_CONFIG_PULSES', 'Scheme', 'WriteVerifyConfig', 'WriteVerifyResult',
     'config_for_sigma', 'explicit', 'fraction_verified', 'iteration_keys', 'naive_loop_stats',
     'nwc', 'nwc_analytic', 'nwc_fraction', 'program_key', 'speedup', 'statistical'
@@ -661,3 +662,45 @@ def config_for_sigma(sigma_wv: float, device: devices.DeviceConfig, *,
         f"sigma_wv={sigma_wv} is not reachable with failure <= {max_failure} within "
         f"{MAX_CONFIG_PULSES} pulses (sigma_read={device.sigma_read}, "
         f"sigma_pulse={device.sigma_pulse}): raise sigma_wv or max_failure")
+
+
+def pin_stuck(key: jax.Array, result: WriteVerifyResult, target: jax.Array,
+              verify_mask: jax.Array, stuck: devices.StuckFaults,
+              device: devices.DeviceConfig, config: WriteVerifyConfig
+              ) -> WriteVerifyResult:
+    """The outcome of :func:`explicit` (``result``, run
+    with ``key`` on flat ``target``) had the stuck devices been pinned at
+    their stuck value after the open-loop write and after every pulse.
+
+    Devices are independent in the loop (each draws its own noise from the
+    iteration's keys), so the other devices are unchanged and a stuck one is
+    replayed exactly: it reads ``value + read noise`` (the loop's read keys,
+    :func:`iteration_keys`), passes on the first read
+    within tolerance (cycles = that read's index) and otherwise spends the
+    budget (``1 + max_pulses`` cycles) and fails. Unverified stuck devices
+    cost their one write. All arrays flat, of ``target``'s shape.
+    """
+    value = jnp.where(stuck.at_min, 0.0, 1.0).astype(target.dtype)
+    is_stuck = stuck.at_min | stuck.at_max
+    verified = jnp.broadcast_to(verify_mask, target.shape)
+    n_reads = config.max_pulses + 1
+    tol = jnp.asarray(config.tolerance, target.dtype)
+    if device.sigma_read == 0.0:
+        passed = jnp.abs(value - target) <= tol
+        first = jnp.ones(target.shape, jnp.int32)
+    else:
+        def body(i, carry):
+            first, passed = carry
+            k_read, _ = iteration_keys(key, i)
+            r = devices.read(k_read, value, device)
+            hit = ~passed & (jnp.abs(r - target) <= tol)
+            return jnp.where(hit, i, first), passed | hit
+        first, passed = jax.lax.fori_loop(
+            1, n_reads + 1, body,
+            (jnp.full(target.shape, n_reads, jnp.int32), jnp.zeros(target.shape, bool)))
+    cycles = jnp.where(verified, jnp.where(passed, first, n_reads), 1).astype(jnp.int32)
+    failed = verified & ~passed
+    return WriteVerifyResult(
+        g=jnp.where(is_stuck, value, result.g),
+        cycles=jnp.where(is_stuck, cycles, result.cycles),
+        failed=jnp.where(is_stuck, failed, result.failed))

@@ -61,7 +61,7 @@ def test_stuck_devices_are_never_repaired_and_replay_is_exact(sigma_read):
     cfg = wv.config_for_sigma(0.03, dv.DeviceConfig(sigma_program=0.1, sigma_pulse=0.1,
                                                     sigma_read=sigma_read))
     res = wv.explicit(device, cfg)(key, target, verify)
-    got = reliability.pin_stuck(key, res, target, verify, stuck, device, cfg)
+    got = wv.pin_stuck(key, res, target, verify, stuck, device, cfg)
     g_ref, cyc_ref, fail_ref = _reference_stuck_loop(key, target, verify, stuck, device, cfg)
     # the jitted loop and this eager one may differ in the last ulp of g
     np.testing.assert_allclose(np.asarray(got.g), g_ref, rtol=1e-6, atol=1e-7)
