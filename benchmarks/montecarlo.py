@@ -58,6 +58,7 @@ import time
 
 from absl import flags
 
+from benchmarks._gemm import gemm_rate
 from experiments import _cli
 
 FLAGS = flags.FLAGS
@@ -384,8 +385,11 @@ def main(argv: list[str]) -> None:
     sweep = states_sweep(k_mc, apply_fn, variables, cfg, x, y, n_runs, FLAGS.sweep_states)
 
     ms_per_run = 1e3 * noisy_s / n_runs
+    gemm_flops = gemm_rate(2048)
     out = {
         "states_sweep": sweep,
+        "large_gemm_gflops": gemm_flops / 1e9,
+        "gemm_rate_over_mc_rate": gemm_flops / (flops_run * n_runs / noisy_s),
         "ms_per_run": ms_per_run,
         "gflops": flops_run * n_runs / noisy_s / 1e9,
         "gflop_per_run": flops_run / 1e9,
@@ -427,6 +431,8 @@ def main(argv: list[str]) -> None:
         ("GFLOP per run", f"{flops_run / 1e9:.4f}"),
         ("noisy MC: ms per run", f"{ms_per_run:.2f}"),
         ("noisy MC: GFLOP/s", f"{out['gflops']:.1f}"),
+        ("large GEMM (2048^3): GFLOP/s", f"{out['large_gemm_gflops']:.1f}"),
+        ("large GEMM rate / noisy MC rate", f"{out['gemm_rate_over_mc_rate']:.2f}"),
         (f"noisy MC, {other} lowering: ms per run", f"{other_ms:.2f}"),
         (f"its {n_gemms} matrix products alone: ms per run",
          "-" if gemm_ms is None else f"{gemm_ms:.2f}"),

@@ -30,6 +30,7 @@ import time
 
 from absl import flags
 
+from benchmarks._gemm import gemm_rate
 from experiments import _cli
 
 FLAGS = flags.FLAGS
@@ -62,17 +63,6 @@ def _step_flops(apply_fn, variables, x) -> int:
             o_dim = eqn.params["dimension_numbers"].rhs_spec[0]
             total += 2 * out * (int(np.prod(rhs)) // rhs[o_dim])
     return 3 * total
-
-
-def _gemm_rate(n: int) -> float:
-    """FLOP/s of an ``n``-cubed float32 matrix product (best of 3)."""
-    import jax
-    import jax.numpy as jnp
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(jnp.matmul)
-    f(a, a).block_until_ready()
-    best = min(_timed(lambda: f(a, a).block_until_ready()) for _ in range(3))
-    return 2 * n ** 3 / best
 
 
 def _timed(fn) -> float:
@@ -142,7 +132,7 @@ def main(argv: list[str]) -> None:
         data = D.Dataset(data.x_train[:FLAGS.n_train], data.y_train[:FLAGS.n_train],
                          data.x_test, data.y_test, num_classes=data.num_classes, name=data.name)
     batch = min(FLAGS.batch_size, len(data.y_train))
-    rate = _gemm_rate(FLAGS.gemm_n)
+    rate = gemm_rate(FLAGS.gemm_n)
     res: dict = {"backend": jax.default_backend(), "gemm_gflops": rate / 1e9,
                  "batch_size": batch, "auto": training.resolve_conv_lowering("auto")[0],
                  "auto_max_gemm_k": training.resolve_conv_lowering("auto")[1]}
