@@ -121,37 +121,6 @@ def nonuniform_label(factor: float) -> str:
     return f"r={factor:g}"
 
 
-def _is_path(spec: str) -> bool:
-    return spec.endswith(".json") or os.sep in spec or (os.altsep or os.sep) in spec
-
-
-def resolve_device(spec: str) -> devices.DevicePreset:
-    """The device preset ``spec`` names: a name of :data:`swimjax.devices.PRESETS`
-    or the path of a JSON preset file (read by ``devices.load_preset``).
-
-    Raises:
-      ValueError: an unknown name, or a file the loader rejects (naming what).
-      FileNotFoundError: a path that does not exist.
-    """
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"device must be a preset name or a JSON file path, got {spec!r}")
-    if _is_path(spec):
-        if not os.path.exists(spec):
-            raise FileNotFoundError(f"device: no preset file {spec!r}")
-        return devices.load_preset(spec)
-    v.check_choice("device", spec, tuple(devices.preset_names()))
-    return devices.preset(spec)
-
-
-def preset_fields(preset: devices.DevicePreset) -> dict[str, Any]:
-    """A preset's values as JSON-able fields (device, drift, faults, source)."""
-    out = {"device": dataclasses.asdict(preset.device),
-           "drift": None if preset.drift is None else dataclasses.asdict(preset.drift),
-           "faults": None if preset.faults is None else dataclasses.asdict(preset.faults),
-           "source": preset.source}
-    return json.loads(json.dumps(out, sort_keys=True, default=str))
-
-
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
     """Configuration of one SWIM sweep (every field is a flag of ``experiments/swim.py``).
@@ -291,7 +260,7 @@ class SweepConfig:
                 f"with one sigma")
         uses_loop = self.write_verify == "explicit" or self.measure_cycles
         if self.device is not None:
-            dev = resolve_device(self.device).device
+            dev = devices.resolve_preset(self.device).device
             if self.write_verify == "explicit" and len(self.sigma_d) > 1:
                 raise ValueError(
                     f"sigma_d must be one value with device={self.device!r} and "
@@ -339,7 +308,7 @@ class SweepConfig:
 
     def device_preset(self) -> devices.DevicePreset | None:
         """The preset of ``device`` (None without one)."""
-        return None if self.device is None else resolve_device(self.device)
+        return None if self.device is None else devices.resolve_preset(self.device)
 
     def device_config(self, sigma_d: float | None = None) -> devices.DeviceConfig:
         """The device of the explicit loop: without ``device``, open-loop
@@ -471,7 +440,7 @@ def identity(config: SweepConfig, prep: Prepared) -> dict[str, Any]:
         if fields.get(name) == default:
             del fields[name]
     if config.device is not None:
-        fields["device_preset"] = preset_fields(config.device_preset())
+        fields["device_preset"] = devices.preset_to_dict(config.device_preset())
     return json.loads(json.dumps(fields, sort_keys=True, default=str))
 
 
@@ -609,7 +578,7 @@ def nonuniform_markdown(rows: list[dict[str, Any]], config: SweepConfig,
 def device_markdown(config: SweepConfig) -> str:
     """The device preset's values and its source, for ``summary.md``."""
     preset = config.device_preset()
-    fields = preset_fields(preset)
+    fields = devices.preset_to_dict(preset)
     lines = [f"## Device preset `{config.device}`", "", f"source: {preset.source or '-'}", "",
              "| parameter | value |", "|---|---|"]
     for part in ("device", "drift", "faults"):
