@@ -68,6 +68,7 @@ from swimjax import _validation as v
 from swimjax import mapping
 
 __all__ = [
+    'perturb_traced',
     'NONUNIFORM_PRESETS', 'Normalization', 'Perturbation', 'VariationConfig', 'VariationState',
     'gaussian', 'perturb', 'perturb_via_devices', 'statistical', 'std_factor', 'validate',
     'weight_sigmas'
@@ -279,7 +280,9 @@ def _leaf_sigma(w: jax.Array, m: Any, sigma_d: Any, sigma_wv: Any,
 
 
 def _perturb(key: jax.Array, params: Any, mask: Any | None, sigma_d: Any, sigma_wv: Any,
-             cfg: VariationConfig, selected: Any) -> Any:
+             cfg: VariationConfig, selected: Any, tau: Any = None) -> Any:
+    """The model's weights; ``tau`` (None: none) right-censors the noise,
+    ``eps = min(eps, tau)`` (TRICE's training noise)."""
     leaves, treedef = jax.tree.flatten(params)
     sel = treedef.flatten_up_to(selected)
     masks = [None] * len(leaves) if mask is None else treedef.flatten_up_to(mask)
@@ -293,8 +296,21 @@ def _perturb(key: jax.Array, params: Any, mask: Any | None, sigma_d: Any, sigma_
         sigma = _leaf_sigma(w, m, sigma_d, sigma_wv, cfg)
         w0 = mapping.quantize(w, qcfg) if cfg.quantize else w
         eps = _random.normal(jax.random.fold_in(key, i), w.shape, sigma.dtype)
+        if tau is not None:
+            eps = jnp.minimum(eps, jnp.asarray(tau).astype(sigma.dtype))
         out.append((w0.astype(sigma.dtype) + sigma * eps).astype(w.dtype))
     return treedef.unflatten(out)
+
+
+def perturb_traced(key: jax.Array, params: Any, mask: Any, sigma_d: Any, sigma_wv: Any,
+                   cfg: VariationConfig, selected: Any | None = None, *,
+                   tau: Any = None) -> Any:
+    """:func:`perturb` with the sigmas (and ``tau``, a right-censoring of the
+    noise: ``eps = min(eps, tau)``) as arrays that may be traced, for
+    perturbations built on SWIM's model (training noise); only the pytree
+    structure is checked (free under ``jit``)."""
+    sel = validate(params, mask, cfg, selected, check_values=False)
+    return _perturb(key, params, mask, sigma_d, sigma_wv, cfg, sel, tau)
 
 
 class Perturbation(NamedTuple):

@@ -65,11 +65,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from swimjax import _jaxpr, _random, _runbatch, mapping
+from swimjax import _jaxpr, _runbatch
 from swimjax import _validation as v
 from swimjax.data import Dataset
 from swimjax.models import Model
-from swimjax.perturbation import Perturbation, VariationConfig, weight_sigmas
+from swimjax.perturbation import Perturbation, VariationConfig, perturb_traced, weight_sigmas
 
 Variables = dict[str, Any]
 PerturbFn = Callable[[jax.Array, Variables, Any], Variables]
@@ -337,7 +337,6 @@ def variation_noise(cfg: VariationConfig, selected: Any | None = None,
     """
     if not isinstance(cfg, VariationConfig):
         raise ValueError(f"cfg must be a VariationConfig, got {type(cfg).__name__}")
-    unit_cfg = dataclasses.replace(cfg, sigma_d=1.0, sigma_wv=0.0)
     default_tau = _check_scalar("tau", tau, allow_inf=True)
 
     def _params(variables: Any) -> Any:
@@ -364,27 +363,8 @@ def variation_noise(cfg: VariationConfig, selected: Any | None = None,
             raise ValueError(f"state must be the NoiseState of init(), got "
                              f"{type(state).__name__}")
         params = _params(variables)
-        mask = _params(state.mask)
-        v.check_same_structure("mask", mask, params)
-        base, _ = weight_sigmas(params, unit_cfg, selected)
-        sel = mapping.mapped_leaves(params) if selected is None else selected
-        leaves, treedef = jax.tree.flatten(params)
-        out = []
-        for i, (w, s, b, m) in enumerate(zip(leaves, treedef.flatten_up_to(sel),
-                                              treedef.flatten_up_to(base),
-                                              treedef.flatten_up_to(mask))):
-            if not s:
-                out.append(w)
-                continue
-            w = jnp.asarray(w)
-            sigma = jnp.where(jnp.asarray(m).astype(bool),
-                              jnp.asarray(state.sigma_wv).astype(b.dtype),
-                              jnp.asarray(state.sigma_d).astype(b.dtype)) * b
-            w0 = mapping.quantize(w, cfg.mapping_config) if cfg.quantize else w
-            eps = _random.normal(jax.random.fold_in(key, i), w.shape, sigma.dtype)
-            eps = jnp.minimum(eps, jnp.asarray(state.tau).astype(sigma.dtype))
-            out.append((w0.astype(sigma.dtype) + sigma * eps).astype(w.dtype))
-        noisy = treedef.unflatten(out)
+        noisy = perturb_traced(key, params, _params(state.mask), state.sigma_d, state.sigma_wv,
+                               cfg, selected, tau=state.tau)
         if params is variables:
             return noisy
         return {**variables, "params": noisy}
