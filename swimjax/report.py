@@ -376,3 +376,62 @@ def faults_summary_markdown(rows: Sequence[Row], title: str = "Stuck-at faults",
     if preset_markdown:
         lines += ["", preset_markdown.rstrip()]
     return "\n".join(lines) + "\n"
+
+
+def plot_worstcase(rows: Sequence[Row], path: str | os.PathLike, title: str = "") -> None:
+    """Writes a PNG: accuracy against eps per mask -- the worst case, the best
+    random corner, and the Monte-Carlo mean and 1st percentile at the matching
+    sigma (rows of :func:`swimjax.worstcase.run_experiment`)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for i, m in enumerate(dict.fromkeys(r["mask"] for r in rows)):
+        rs = [r for r in rows if r["mask"] == m]
+        e = [r["eps"] for r in rs]
+        label = "no write-verify" if m == "none" else f"SWIM {100 * rs[0]['budget']:g}% verified"
+        col = f"C{i}"
+        ax.plot(e, [100 * r["worst_acc"] for r in rs], "o-", color=col,
+                label=f"worst case, {label}")
+        ax.plot(e, [100 * r["mc_acc_p1"] for r in rs], "s--", color=col, ms=3,
+                label=f"MC 1st pct, {label}")
+        ax.plot(e, [100 * r["mc_acc_mean"] for r in rs], ":", color=col,
+                label=f"MC mean, {label}")
+        ax.plot(e, [100 * r["random_acc_min"] for r in rs], "x", color=col,
+                label=f"best random corner, {label}")
+    ax.set_xlabel("eps (bound on |dW| / max|W_layer|)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def worstcase_summary_markdown(rows: Sequence[Row], title: str, *, eps_verified: float,
+                               tolerance: float, search: str) -> str:
+    """A Markdown table of a worst-case experiment's rows.
+
+    Args:
+      eps_verified: the bound (fraction of max|W_layer|) on verified weights.
+      tolerance: the write-verify tolerance (fraction of full scale) it comes from.
+      search: a description of the search (method and its settings).
+    """
+    lines = [f"# {title}", "",
+             f"Box |dW_i| <= eps_i max|W_layer|; verified weights (SWIM mask) bounded by "
+             f"min(eps, {eps_verified:.4g}) (write-verify tolerance {tolerance:.4g} of full "
+             f"scale). Monte-Carlo at the matching sigma: weight-error std = eps max|W| "
+             f"(sigma_d = eps / c(N, m)); verified weights min(sigma_wv, sigma_d). "
+             f"Search: {search}.", "",
+             "| mask | eps | worst-case acc (%) | best random corner (%) | MC mean (%) | MC sem | "
+             "MC p1 (%) | MC min (%) | clean (%) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['mask']} | {r['eps']:g} | {_pct(r['worst_acc'])} | "
+            f"{_pct(r['random_acc_min'])} | {_pct(r['mc_acc_mean'])} | "
+            f"{_pct(r['mc_acc_sem'])} | {_pct(r['mc_acc_p1'])} | "
+            f"{_pct(r['mc_acc_min'])} | {_pct(r['clean_acc'])} |")
+    return "\n".join(lines) + "\n"

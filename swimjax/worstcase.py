@@ -63,8 +63,8 @@ from swimjax import _validation as v
 from swimjax import mapping
 
 __all__ = ['ExperimentConfig', 'METHODS', 'WorstCaseConfig', 'WorstCaseResult', 'box',
-           'carlini_wagner', 'evaluate', 'margins', 'pgd', 'plot_worstcase', 'project',
-           'random_search', 'run_experiment', 'search', 'summary_markdown', 'verified_eps']
+           'carlini_wagner', 'evaluate', 'margins', 'pgd', 'project',
+           'random_search', 'run_experiment', 'search', 'verified_eps']
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 METHODS = ("pgd", "cw")
@@ -647,7 +647,7 @@ def run_experiment(config: ExperimentConfig, out_dir: str) -> list[dict[str, Any
 
     from absl import logging
 
-    from swimjax import montecarlo, perturbation, results, sweep
+    from swimjax import montecarlo, perturbation, report, results, sweep
 
     os.makedirs(out_dir, exist_ok=True)
     res = results.ResultsFile(os.path.join(out_dir, "results.jsonl"), KEY_FIELDS)
@@ -712,63 +712,9 @@ def run_experiment(config: ExperimentConfig, out_dir: str) -> list[dict[str, Any
     title = (f"{config.model} / {config.dataset_label}: worst case ({config.search.method}) vs "
              f"Monte-Carlo ({config.mc_runs} runs), N={config.weight_bits}, "
              f"m={config.device_bits}")
-    plot_worstcase(rows, os.path.join(out_dir, "worstcase_vs_eps.png"), title)
+    report.plot_worstcase(rows, os.path.join(out_dir, "worstcase_vs_eps.png"), title)
     with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(summary_markdown(rows, title, config))
+        f.write(report.worstcase_summary_markdown(
+            rows, title, eps_verified=config.eps_verified(), tolerance=config.tolerance_used(),
+            search=str(config.search)))
     return rows
-
-
-def plot_worstcase(rows: list[dict[str, Any]], path: str, title: str = "") -> None:
-    """Accuracy against eps per mask: the worst case, the best random corner,
-    and the Monte-Carlo mean and 1st percentile at the matching sigma."""
-    import os
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for i, m in enumerate(dict.fromkeys(r["mask"] for r in rows)):
-        rs = [r for r in rows if r["mask"] == m]
-        e = [r["eps"] for r in rs]
-        label = "no write-verify" if m == "none" else f"SWIM {100 * rs[0]['budget']:g}% verified"
-        col = f"C{i}"
-        ax.plot(e, [100 * r["worst_acc"] for r in rs], "o-", color=col,
-                label=f"worst case, {label}")
-        ax.plot(e, [100 * r["mc_acc_p1"] for r in rs], "s--", color=col, ms=3,
-                label=f"MC 1st pct, {label}")
-        ax.plot(e, [100 * r["mc_acc_mean"] for r in rs], ":", color=col,
-                label=f"MC mean, {label}")
-        ax.plot(e, [100 * r["random_acc_min"] for r in rs], "x", color=col,
-                label=f"best random corner, {label}")
-    ax.set_xlabel("eps (bound on |dW| / max|W_layer|)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=6, loc="lower left")
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def summary_markdown(rows: list[dict[str, Any]], title: str, config: ExperimentConfig) -> str:
-    """A Markdown table of the rows."""
-    lines = [f"# {title}", "",
-             f"Box |dW_i| <= eps_i max|W_layer|; verified weights (SWIM mask) bounded by "
-             f"min(eps, {config.eps_verified():.4g}) (write-verify tolerance "
-             f"{config.tolerance_used():.4g} of full scale). Monte-Carlo at the matching sigma: "
-             f"weight-error std = eps max|W| (sigma_d = eps / c(N, m)); verified weights "
-             f"min(sigma_wv, sigma_d). Search: {config.search}.", "",
-             "| mask | eps | worst-case acc (%) | best random corner (%) | MC mean (%) | MC sem | "
-             "MC p1 (%) | MC min (%) | clean (%) |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['mask']} | {r['eps']:g} | {100 * r['worst_acc']:.2f} | "
-            f"{100 * r['random_acc_min']:.2f} | {100 * r['mc_acc_mean']:.2f} | "
-            f"{100 * r['mc_acc_sem']:.2f} | {100 * r['mc_acc_p1']:.2f} | "
-            f"{100 * r['mc_acc_min']:.2f} | {100 * r['clean_acc']:.2f} |")
-    return "\n".join(lines) + "\n"
