@@ -63,11 +63,7 @@ def nwc_to_reach(points: Sequence[Row], target: float) -> tuple[float, float]:
 def plot_accuracy_vs_nwc(rows: Sequence[Row], path: str | os.PathLike, title: str = "") -> None:
     """Writes a PNG: accuracy (mean, +-std band, 5th percentile dashed) vs NWC
     per method, with the no-write-verify, full-write-verify and clean levels."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig, ax = _figure((6.4, 4.4))
     for i, (method, pts) in enumerate(sorted(_by_method(rows).items())):
         color = f"C{i}"
         x = np.array([r["nwc"] for r in pts])
@@ -85,17 +81,8 @@ def plot_accuracy_vs_nwc(rows: Sequence[Row], path: str | os.PathLike, title: st
         if np.isfinite(levels[k]):
             ax.axhline(100 * levels[k], color=c, ls=ls, lw=1, label=names[k])
     ax.set_xlabel("normalized write cycles (NWC)")
-    ax.set_ylabel("accuracy (%)")
     ax.set_xlim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right", ncol=2)
-    fig.tight_layout()
-    tmp = os.fspath(path) + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _finish(fig, ax, path, title, title_size=9, fontsize=7, loc="lower right", ncol=2)
 
 
 def summary_markdown(rows: Sequence[Row], title: str = "SWIM sweep", tolerance: float = 0.01) -> str:
@@ -214,12 +201,33 @@ def _scheme_label(r: Row) -> str:
     return name
 
 
+def _figure(size: tuple[float, float]) -> tuple[Any, Any]:
+    """A new off-screen figure of ``size`` inches (at 120 dpi) and its axes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(figsize=size, dpi=120)
+
+
 def _save(fig: Any, path: str | os.PathLike) -> None:
+    """Writes the figure atomically (a temporary file, then a rename) and closes it."""
     import matplotlib.pyplot as plt
     tmp = os.fspath(path) + ".tmp.png"
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _finish(fig: Any, ax: Any, path: str | os.PathLike, title: str, *, title_size: float = 8,
+            **legend: Any) -> None:
+    """Accuracy axis label, grid, optional title and legend, then :func:`_save`."""
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=title_size)
+    ax.legend(**legend)
+    fig.tight_layout()
+    _save(fig, path)
 
 
 def _curves(rows: Sequence[Row], x_field: str, split_field: str | None
@@ -237,11 +245,7 @@ def plot_accuracy_vs_time(rows: Sequence[Row], path: str | os.PathLike, title: s
     """Writes a PNG: accuracy (mean solid with a +-std band, 1st percentile
     dotted) against the time after programming (log axis), one colour per
     write-verify scheme, compensated (thick) and uncompensated (thin, dashed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.8, 4.6), dpi=120)
+    fig, ax = _figure((6.8, 4.6))
     colors = {"none": "tab:red", "swim": "tab:blue", "full": "tab:green"}
     for (scheme, comp), pts in _curves(rows, "t_seconds", "compensated").items():
         c = colors.get(scheme, "k")
@@ -259,24 +263,14 @@ def plot_accuracy_vs_time(rows: Sequence[Row], path: str | os.PathLike, title: s
     ax.set_xscale("log")
     ax.set_xticks([t for t, _ in ticks], [n for _, n in ticks], fontsize=7)
     ax.set_xlabel("time after programming (dotted: 1st percentile)")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=6.5, loc="lower left")
-    fig.tight_layout()
-    _save(fig, path)
+    _finish(fig, ax, path, title, fontsize=6.5, loc="lower left")
 
 
 def plot_accuracy_vs_faults(rows: Sequence[Row], path: str | os.PathLike, title: str = ""
                             ) -> None:
     """Writes a PNG: accuracy (mean with a +-std band, 1st percentile dotted)
     against the percentage of stuck devices, one line per write-verify scheme."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig, ax = _figure((6.4, 4.4))
     colors = {"none": "tab:red", "swim": "tab:blue", "full": "tab:green"}
     for (scheme, _), pts in _curves(rows, "p_stuck", None).items():
         c = colors.get(scheme, "k")
@@ -289,13 +283,7 @@ def plot_accuracy_vs_faults(rows: Sequence[Row], path: str | os.PathLike, title:
         ax.plot(x, p1, ":", color=c, lw=0.9)
     ax.set_xscale("symlog", linthresh=0.1)
     ax.set_xlabel("stuck devices (%; half at g_min, half at g_max; dotted: 1st percentile)")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    _save(fig, path)
+    _finish(fig, ax, path, title, fontsize=7, loc="lower left")
 
 
 def _pct(x: Any) -> str:
@@ -382,11 +370,7 @@ def plot_worstcase(rows: Sequence[Row], path: str | os.PathLike, title: str = ""
     """Writes a PNG: accuracy against eps per mask -- the worst case, the best
     random corner, and the Monte-Carlo mean and 1st percentile at the matching
     sigma (rows of :func:`swimjax.worstcase.run_experiment`)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig, ax = _figure((6.4, 4.4))
     for i, m in enumerate(dict.fromkeys(r["mask"] for r in rows)):
         rs = [r for r in rows if r["mask"] == m]
         e = [r["eps"] for r in rs]
@@ -401,14 +385,8 @@ def plot_worstcase(rows: Sequence[Row], path: str | os.PathLike, title: str = ""
         ax.plot(e, [100 * r["random_acc_min"] for r in rs], "x", color=col,
                 label=f"best random corner, {label}")
     ax.set_xlabel("eps (bound on |dW| / max|W_layer|)")
-    ax.set_ylabel("accuracy (%)")
     ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=6, loc="lower left")
-    fig.tight_layout()
-    _save(fig, path)
+    _finish(fig, ax, path, title, fontsize=6, loc="lower left")
 
 
 def worstcase_summary_markdown(rows: Sequence[Row], title: str, *, eps_verified: float,

@@ -89,3 +89,31 @@ def test_summary_and_plot(tmp_path):
     png = tmp_path / "acc.png"
     report.plot_accuracy_vs_nwc(rows, png, title="test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
+
+
+def _is_png(path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 10_000
+
+
+def test_reliability_and_worstcase_plots_and_tables(tmp_path):
+    base = dict(acc_std=0.01, acc_p1=0.85, acc_sem=0.001, acc_p5=0.86, mc_runs=10)
+    drift = [dict(base, scheme=s, budget=0.1, t_seconds=t, compensated=c, acc_mean=a)
+             for s in ("none", "swim", "full") for c in (False, True)
+             for t, a in [(1.0, 0.95), (3600.0, 0.9), (3e7, 0.8)]]
+    faults = [dict(base, scheme=s, budget=0.1, p_stuck=p, acc_mean=0.9 - p)
+              for s in ("none", "swim", "full") for p in (0.0, 0.001, 0.01)]
+    worst = [dict(mask=m, budget=0.1, eps=e, worst_acc=0.9 - 5 * e, random_acc_min=0.95 - e,
+                  mc_acc_mean=0.97 - e, mc_acc_sem=0.001, mc_acc_p1=0.96 - 2 * e,
+                  mc_acc_min=0.95 - 3 * e, clean_acc=0.98)
+             for m in ("none", "swim") for e in (0.0, 0.01, 0.03)]
+    for plot, rows in [(report.plot_accuracy_vs_time, drift),
+                       (report.plot_accuracy_vs_faults, faults),
+                       (report.plot_worstcase, worst)]:
+        png = tmp_path / f"{plot.__name__}.png"
+        plot(rows, png, title="test")
+        assert _is_png(png), plot.__name__
+    assert not list(tmp_path.glob("*.tmp.png"))
+    md = report.worstcase_summary_markdown(worst, "wc", eps_verified=0.0123, tolerance=0.01,
+                                           search="pgd")
+    assert "min(eps, 0.0123)" in md and "Search: pgd." in md
+    assert "| swim | 0.03 | 75.00 | 92.00 | 94.00 | 0.10 | 90.00 | 86.00 | 98.00 |" in md
