@@ -10,6 +10,7 @@ and evaluates every (method, budget) point by Monte-Carlo. Writes
     python -m experiments.swim --model=convnet --dataset=cifar10 --data_dir=~/tensorflow_datasets
     python -m experiments.swim --nonuniform=RRAM4 --methods=swim,swim_uniform,magnitude  # U-SWIM
     python -m experiments.swim --write_verify=explicit --device=swim   # a device preset
+    python -m experiments.swim --train_noise=rcg --train_sigma=0.2 --rcg_tau=1  # TRICE training
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 from absl import flags, logging
 
 from experiments import _cli
-from swimjax import data, distributed, devices, models, perturbation, sweep
+from swimjax import data, distributed, devices, models, perturbation, sweep, training
 
 _D = sweep.SweepConfig()
 FLAGS = flags.FLAGS
@@ -71,6 +72,15 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 flags.DEFINE_float("kpp", _D.kpp, "k of the k-th percentile accuracy recorded in every row.")
 flags.DEFINE_float("threshold", None, "Rows record the fraction of runs below this accuracy "
                    "(a fraction; default: 1 point below the clean accuracy).")
+flags.DEFINE_enum("train_noise", _D.train_noise, list(training.TRAIN_NOISES),
+                  "Noise-injection training when the model is trained here: none (plain), "
+                  "gaussian (fresh statistical-model noise every step) or rcg (right-censored "
+                  "at --rcg_tau, TRICE). Named in the default checkpoint file.")
+flags.DEFINE_float("train_sigma", None, f"Device sigma of the training noise, in (0, "
+                   f"{sweep.MAX_TRAIN_SIGMA:g}] (default: --sigma_d, which must then be one "
+                   "value).")
+flags.DEFINE_float("rcg_tau", None, "Right-censoring point of rcg noise, eps = min(eps, tau), "
+                   f"finite (default {sweep.DEFAULT_RCG_TAU:g}).")
 _cli.define_distributed_flags()
 
 
@@ -89,7 +99,8 @@ def config_from_flags() -> sweep.SweepConfig:
         sigma_read=FLAGS.sigma_read, chunk_size=FLAGS.chunk_size,
         measure_cycles=FLAGS.measure_cycles, progress=FLAGS.progress,
         nonuniform_factor=1.0 if FLAGS.nonuniform is None else FLAGS.nonuniform,
-        device=FLAGS.device, kpp=FLAGS.kpp, threshold=FLAGS.threshold)
+        device=FLAGS.device, kpp=FLAGS.kpp, threshold=FLAGS.threshold,
+        train_noise=FLAGS.train_noise, train_sigma=FLAGS.train_sigma, rcg_tau=FLAGS.rcg_tau)
 
 
 def main(argv: list[str]) -> None:
@@ -100,13 +111,16 @@ def main(argv: list[str]) -> None:
     (``SweepConfig`` validates every value); then
     :func:`experiments._cli.check_sweep_inputs`: ``--out_dir`` writable or
     creatable, ``--dataset`` ready in ``--data_dir`` with room for
-    ``--n_train`` / ``--n_test``, the checkpoint intact and of this model.
+    ``--n_train`` / ``--n_test``, the checkpoint intact and of this model;
+    and a checkpoint that records its training noise must record this run's.
     """
     _cli.no_arguments(argv)
     _cli.initialize_distributed()
     with _cli.user_errors():
         config = config_from_flags()
     _cli.check_sweep_inputs(config, FLAGS.out_dir)
+    _cli.check_checkpoint(config.checkpoint or sweep.default_checkpoint_path(config, FLAGS.out_dir),
+                          expect=sweep.checkpoint_expect(config))
     rows = sweep.run_sweep(config, FLAGS.out_dir)
     if distributed.is_writer():
         with open(f"{FLAGS.out_dir}/summary.md", encoding="utf-8") as f:

@@ -84,7 +84,12 @@ SWEEP_METHODS = {"swim_uniform": "swim"}
 #: Fields added after rows first carried a ``config_id``, with their defaults: a
 #: field at its default is left out of :func:`identity`, so the rows of a
 #: configuration that does not use it keep their ``config_id``.
-ADDED_FIELDS = {"nonuniform_factor": 1.0, "device": None}
+ADDED_FIELDS = {"nonuniform_factor": 1.0, "device": None, "train_noise": "none",
+                "train_sigma": None, "rcg_tau": None}
+#: Right-censoring point of ``rcg`` training noise when ``rcg_tau`` is not set.
+DEFAULT_RCG_TAU = 1.0
+#: Largest training sigma accepted (full-scale units: a device's whole range).
+MAX_TRAIN_SIGMA = 1.0
 
 
 def available_methods() -> tuple[str, ...]:
@@ -180,6 +185,18 @@ class SweepConfig:
         (``acc_kpp``), in [0, 100].
       threshold: rows record the fraction of runs below this accuracy
         (``p_below_threshold``); None: 1 point below the clean accuracy.
+      train_noise: noise-injection training of the model when it is trained
+        here (:data:`swimjax.training.TRAIN_NOISES`): ``"none"`` (plain),
+        ``"gaussian"`` (fresh noise of the statistical model every step,
+        nothing verified) or ``"rcg"`` (the same right-censored at
+        ``rcg_tau``, TRICE). Its setting is part of the default checkpoint
+        name, of the checkpoint's metadata and of the rows' identity.
+      train_sigma: device sigma of the training noise, in (0, 1] (full-scale
+        units); None: ``sigma_d`` (which must then be one value). Only with
+        ``train_noise`` other than ``"none"``.
+      rcg_tau: right-censoring point of ``rcg`` noise (``eps = min(eps,
+        tau)``, in units of the noise's std), finite; None: 1.0
+        (:data:`DEFAULT_RCG_TAU`). Only with ``train_noise="rcg"``.
     """
 
     model: str = "lenet"
@@ -210,8 +227,12 @@ class SweepConfig:
     device: str | None = None
     kpp: float = 1.0
     threshold: float | None = None
+    train_noise: str = "none"
+    train_sigma: float | None = None
+    rcg_tau: float | None = None
 
     def __post_init__(self) -> None:
+        self._check_train_noise()
         v.check_range("kpp", self.kpp, 0.0, 100.0)
         if self.threshold is not None:
             v.check_range("threshold", self.threshold, 0.0, 1.0)
@@ -288,10 +309,56 @@ class SweepConfig:
         if self.chunk_size is not None:
             v.check_int("chunk_size", self.chunk_size, 1, None)
 
+    def _check_train_noise(self) -> None:
+        """``train_noise`` / ``train_sigma`` / ``rcg_tau``: known, in range, and
+        only where they have an effect."""
+        v.check_choice("train_noise", self.train_noise, training.TRAIN_NOISES)
+        if self.train_sigma is not None:
+            if self.train_noise == "none":
+                raise ValueError(f"train_sigma={self.train_sigma!r} needs train_noise "
+                                 f"'gaussian' or 'rcg', got train_noise='none'")
+            object.__setattr__(self, "train_sigma", v.check_range(
+                "train_sigma", self.train_sigma, 0.0, MAX_TRAIN_SIGMA, low_inclusive=False))
+        if self.rcg_tau is not None:
+            if self.train_noise != "rcg":
+                raise ValueError(f"rcg_tau={self.rcg_tau!r} needs train_noise='rcg', got "
+                                 f"train_noise={self.train_noise!r}")
+            object.__setattr__(self, "rcg_tau", v.check_range("rcg_tau", self.rcg_tau))
+            if not np.isfinite(self.rcg_tau):
+                raise ValueError(f"rcg_tau must be in (-inf, inf) (finite), got {self.rcg_tau!r}")
+        sigmas = self.sigma_d if isinstance(self.sigma_d, (tuple, list)) else (self.sigma_d,)
+        if self.train_noise != "none" and self.train_sigma is None and len(sigmas) > 1:
+            raise ValueError(f"train_sigma must be set (in (0, {MAX_TRAIN_SIGMA:g}]) when "
+                             f"several sigma_d are swept with train_noise="
+                             f"{self.train_noise!r}, got sigma_d={tuple(sigmas)}")
+
     @property
     def dataset_label(self) -> str:
         """The dataset's name for files and rows (:func:`swimjax.data.dataset_label`)."""
         return data_lib.dataset_label(self.dataset)
+
+    def training_noise(self) -> dict[str, Any]:
+        """The noise setting of the training, resolved: ``{"train_noise": ...}``
+        plus, with noise, the effective ``train_sigma`` and (``rcg``) ``rcg_tau``.
+        Recorded in the checkpoint's metadata and named in its default path."""
+        if self.train_noise == "none":
+            return {"train_noise": "none"}
+        out: dict[str, Any] = {"train_noise": self.train_noise, "train_sigma": float(
+            self.sigma_d[0] if self.train_sigma is None else self.train_sigma)}
+        if self.train_noise == "rcg":
+            out["rcg_tau"] = float(DEFAULT_RCG_TAU if self.rcg_tau is None else self.rcg_tau)
+        return out
+
+    def noise_injection(self) -> perturbation.Perturbation | None:
+        """The perturbation of noise-injection training
+        (:func:`swimjax.training.noise_injection` of :meth:`training_noise` on
+        the statistical model at the training sigma); None for plain training."""
+        noise = self.training_noise()
+        if noise["train_noise"] == "none":
+            return None
+        return training.noise_injection(
+            noise["train_noise"], self.variation_config(noise["train_sigma"]),
+            tau=noise.get("rcg_tau", DEFAULT_RCG_TAU))
 
     def mapping_config(self) -> mapping.MappingConfig:
         """Sign-bit mapping: K devices per weight, as in SWIM's error model, so
@@ -364,13 +431,34 @@ class Prepared:
 
 
 def default_checkpoint_path(config: SweepConfig, out_dir: str) -> str:
-    """``<out_dir>/<model>_<dataset>[_n<n_train>][_e<epochs>]_seed<seed>.msgpack``."""
+    """``<out_dir>/<model>_<dataset>[_n<n_train>][_e<epochs>][_<noise>]_seed<seed>.msgpack``;
+    ``<noise>`` (:func:`noise_label`) names noise-injection training, so a
+    noise-trained model never takes a plainly trained one's file."""
     parts = [config.model, config.dataset_label]
     if config.n_train is not None:
         parts.append(f"n{config.n_train}")
     if config.train_epochs is not None:
         parts.append(f"e{config.train_epochs}")
+    if config.train_noise != "none":
+        parts.append(noise_label(config.training_noise()))
     return os.path.join(out_dir, "_".join(parts) + f"_seed{config.seed}.msgpack")
+
+
+def noise_label(noise: dict[str, Any]) -> str:
+    """A file-name part for a :meth:`SweepConfig.training_noise` setting:
+    ``""`` without noise, ``gaussian-s0.3``, ``rcg-s0.3-t1``."""
+    if noise["train_noise"] == "none":
+        return ""
+    label = f"{noise['train_noise']}-s{noise['train_sigma']:g}"
+    if "rcg_tau" in noise:
+        label += f"-t{noise['rcg_tau']:g}"
+    return label
+
+
+def checkpoint_expect(config: SweepConfig) -> dict[str, Any]:
+    """The metadata a checkpoint must record (where it records it) to serve
+    ``config``: the model, the dataset and the training noise."""
+    return dict(model=config.model, dataset=config.dataset_label, **config.training_noise())
 
 
 def prepare(config: SweepConfig, out_dir: str) -> Prepared:
@@ -384,7 +472,7 @@ def prepare(config: SweepConfig, out_dir: str) -> Prepared:
     if os.path.exists(path):
         target = model.init(jax.random.key(0))
         variables, meta = checkpoint.load(path, target=target)
-        for field, want in (("model", config.model), ("dataset", config.dataset_label)):
+        for field, want in checkpoint_expect(config).items():
             if meta.get(field) not in (None, want):
                 raise ValueError(f"checkpoint {path} is for {field} {meta.get(field)!r}, "
                                  f"not {want!r}: pass another --checkpoint or remove it")
@@ -395,13 +483,14 @@ def prepare(config: SweepConfig, out_dir: str) -> Prepared:
             tcfg = dataclasses.replace(tcfg, epochs=config.train_epochs)
         tcfg = dataclasses.replace(tcfg, batch_size=min(tcfg.batch_size, len(data.y_train)))
         variables, _ = training.train(jax.random.key(config.seed), model, data, tcfg,
+                                      perturbation=config.noise_injection(),
                                       progress=config.progress)
         trained_now = True
     acc = float(training.evaluate_accuracy(model.apply_fn, variables, data.x_test, data.y_test))
     if trained_now and distributed.is_writer():
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        checkpoint.save(path, variables, dict(model=config.model, dataset=config.dataset_label,
-                                              seed=config.seed, test_accuracy=acc))
+        checkpoint.save(path, variables, dict(checkpoint_expect(config), seed=config.seed,
+                                              test_accuracy=acc))
         logging.info("trained %s to %.2f%% test accuracy; wrote %s", config.model, 100 * acc, path)
     return Prepared(model, variables, data, acc, path, trained_now)
 
@@ -433,12 +522,17 @@ def identity(config: SweepConfig, prep: Prepared) -> dict[str, Any]:
     checkpoint and data paths replaced by what they hold: the trained weights'
     sha256 (so a retrained or replaced model never reuses old rows) and the
     test data's sha256, plus the swimjax version. ``config_id`` (see
-    :func:`config_id`) is its digest.
+    :func:`config_id`) is its digest. Fields of :data:`ADDED_FIELDS` at their
+    defaults are left out (rows written before they existed keep their
+    ``config_id``); noise-injection training enters resolved
+    (:meth:`SweepConfig.training_noise`: its sigma and tau as used).
     """
     fields = config_fields(config, prep, NON_IDENTITY_FIELDS)
     for name, default in ADDED_FIELDS.items():
         if fields.get(name) == default:
             del fields[name]
+    if config.train_noise != "none":
+        fields.update(config.training_noise())
     if config.device is not None:
         fields["device_preset"] = devices.preset_to_dict(config.device_preset())
     return json.loads(json.dumps(fields, sort_keys=True, default=str))

