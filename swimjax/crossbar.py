@@ -55,6 +55,7 @@ per-example PRNG keys (required with an error model); ``bounds`` a dict
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -70,7 +71,7 @@ from swimjax import mac_error, mapping, quantizers
 
 __all__ = [
     "MacroConfig", "PRESETS", "preset", "Layer", "layers", "init_bounds", "calibrate_bounds",
-    "transform", "macro_matmul", "MacroApply", "DEFAULT",
+    "transform", "macro_matmul", "MacroApply", "DEFAULT", "column_banks",
 ]
 
 Array = jax.Array
@@ -258,40 +259,134 @@ def macro_matmul(x: Array, w: Array, bounds: quantizers.Bounds, cfg: MacroConfig
     r = cfg.rows
     t = -(-k // r)
     pad = t * r - k
-    planes = jnp.pad(planes, ((0, 0), (0, 0), (0, pad))).reshape(len(plane_w), m_rows, t, r)
-    levels = jnp.pad(levels, ((0, 0), (0, 0), (0, pad), (0, 0)))
-    levels = levels.reshape(2, cfg.n_slices, t, r, o)
-    # one partial sum per input plane, row, array, sign, cell column and output
-    psum = jnp.einsum("pmtr,zitro->pmtzio", planes, levels,
-                      precision=lax.Precision.HIGHEST)
-    if cfg.adc_bits is not None:
-        lsb = cfg.lsb
-        code = jnp.clip(_round_ste(psum / lsb), 0.0, 2.0 ** cfg.adc_bits - 1)
-        if error_model is not None:
-            code = _sample_per_example(code, error_model, gradient, keys, batch)
-        psum = code * lsb
-    elif error_model is not None:
-        raise ValueError("an error model needs an ADC: set MacroConfig.adc_bits")
     slice_w = 2.0 ** (cfg.cell_bits * np.arange(cfg.n_slices)[::-1])
     weights = (plane_w[:, None, None] * np.array([1.0, -1.0])[None, :, None]
                * slice_w[None, None, :]).astype(np.float32)              # (P, 2, S)
-    y_int = jnp.einsum("pmtzio,pzi->mo", psum, jnp.asarray(weights),
-                       precision=lax.Precision.HIGHEST)
+    if cfg.adc_bits is None:
+        if error_model is not None:
+            raise ValueError("an error model needs an ADC: set MacroConfig.adc_bits")
+        # no ADC: the shift-and-add is linear, so the partial sums need not exist
+        combined = jnp.einsum("ziko,pzi->pko", levels, jnp.asarray(weights),
+                              precision=lax.Precision.HIGHEST)            # (P, K, O)
+        y_int = jnp.einsum("pmk,pko->mo", planes, combined, precision=lax.Precision.HIGHEST)
+    else:
+        planes = jnp.pad(planes, ((0, 0), (0, 0), (0, pad))).reshape(len(plane_w), m_rows, t, r)
+        levels = jnp.pad(levels, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        levels = levels.reshape(2, cfg.n_slices, t, r, o)
+        if error_model is not None and keys is None:
+            raise ValueError("keys (one PRNG key per example) are required with an error model")
+        adc = _Adc(float(cfg.lsb), 2 ** cfg.adc_bits, gradient if error_model is not None
+                   else "ste", int(batch if batch is not None else m_rows), weights.tobytes())
+        y_int = _adc_shift_add(adc, planes, levels, error_model, keys)
     y = y_int * (q.step * (s / cfg.mapping_config.max_q))  # s: () or (1, O)
     return y + q.lo * jnp.sum(w_q, axis=0)[None, :]
 
 
-def _sample_per_example(code: Array, model: Any, gradient: str, keys: Array | None,
-                        batch: int | None) -> Array:
+class _Adc(NamedTuple):
+    """The static part of :func:`_adc_shift_add` (hashable): the ADC's LSB in
+    partial-sum units, its code count, the error model's gradient, the
+    examples in a call and the ``(P, 2, S)`` float32 shift-and-add weights
+    as bytes."""
+
+    lsb: float
+    n_codes: int
+    gradient: str
+    batch: int
+    weights: bytes
+
+    def weight_array(self, n_planes: int, n_slices: int) -> Array:
+        return jnp.asarray(np.frombuffer(self.weights, np.float32).reshape(n_planes, 2, n_slices))
+
+
+def _partial_sums(planes: Array, levels: Array) -> Array:
+    """One partial sum per input plane, row, array, sign, cell column and output:
+    ``planes (P, M, T, R)`` x ``levels (2, S, T, R, O)`` -> ``(P, M, T, 2, S, O)``."""
+    return jnp.einsum("pmtr,zitro->pmtzio", planes, levels, precision=lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _adc_shift_add(adc: _Adc, planes: Array, levels: Array, model: Any, keys: Any) -> Array:
+    """Partial sums, ADC codes, error-model readouts, shift-and-add: ``(M, O)``.
+
+    Every partial sum ``P`` is digitized to ``c = clip(round(P / lsb), 0, C -
+    1)``, replaced by a readout drawn from ``model`` (if not None, one key per
+    example) and weighed back ``lsb * sum (+/-) 2^(bit) 2^(m slice) c``.
+
+    Backward (the derivative of every readout with respect to its partial
+    sum): the error model's slope at the ideal code (``mu'(c)`` for the
+    statistical gradient, 1 for straight-through or without a model) where
+    the ADC does not saturate, ``-0.5 <= P / lsb < C - 0.5``, and 0 where it
+    does. The partial sums are recomputed from ``planes`` and ``levels``
+    instead of kept: the backward pass needs only the ideal codes, and the
+    ``(P, M, T, 2, S, O)`` tensors are ``2 S T / R`` times the layer's
+    inputs (memory of one layer's activations, not of every partial sum of
+    every layer); the readouts are not redrawn.
+    """
+    return _adc_shift_add_fwd(adc, planes, levels, model, keys)[0]
+
+
+def _adc_shift_add_fwd(adc, planes, levels, model, keys):
+    psum = _partial_sums(planes, levels)
+    code = jnp.clip(jnp.round(psum / adc.lsb), 0.0, adc.n_codes - 1)
+    if model is not None:
+        bank = column_banks(model, levels.shape[1], levels.shape[-1])
+        code = lax.stop_gradient(_sample_per_example(code, model, keys, adc.batch, bank))
+    w = adc.weight_array(planes.shape[0], levels.shape[1])
+    y = jnp.einsum("pmtzio,pzi->mo", code, w, precision=lax.Precision.HIGHEST) * adc.lsb
+    return y, (planes, levels, model)
+
+
+def _adc_shift_add_bwd(adc, res, g):
+    planes, levels, model = res
+    psum = _partial_sums(planes, levels)
+    r = jnp.round(psum / adc.lsb)
+    factor = ((r >= 0) & (r <= adc.n_codes - 1)).astype(psum.dtype)
+    if model is not None and adc.gradient == "statistical":
+        bank = column_banks(model, levels.shape[1], levels.shape[-1])
+        factor = factor * mac_error.readout_slope_at(r, model, bank)
+    w = adc.weight_array(planes.shape[0], levels.shape[1])
+    g_psum = factor * jnp.einsum("mo,pzi->pmzio", g, w)[:, :, None]   # d y / d psum
+    g_planes = jnp.einsum("pmtzio,zitro->pmtr", g_psum, levels, precision=lax.Precision.HIGHEST)
+    g_levels = jnp.einsum("pmtzio,pmtr->zitro", g_psum, planes, precision=lax.Precision.HIGHEST)
+    return g_planes, g_levels, None, None
+
+
+_adc_shift_add.defvjp(_adc_shift_add_fwd, _adc_shift_add_bwd)
+
+
+def column_banks(model: Any, n_slices: int, outputs: int) -> np.ndarray | None:
+    """The ADC (bank) of every cell column of a macro layer, ``(2, S, O)``
+    int32 (sign, slice MSB first, output), or None for a shared table.
+
+    A layer's physical columns are numbered output-major, ``j = (o * 2 +
+    sign) * S + slice`` (the positive then the negative columns of output
+    ``o``), and column ``j`` is read by ADC ``j mod n_banks`` (D-NAT's macro
+    time-shares 16 ADCs over its columns); the same ADC reads the column in
+    every array ``T``. A per-bank error model thus gives each ADC its own
+    distortion, and a differential pair's two columns are read by two ADCs
+    whenever ``n_banks >= 2``.
+    """
+    n_banks = model.n_banks
+    if n_banks is None:
+        return None
+    j = (np.arange(outputs)[None, None, :] * 2 + np.arange(2)[:, None, None]) * n_slices \
+        + np.arange(n_slices)[None, :, None]
+    return (j % n_banks).astype(np.int32)
+
+
+def _sample_per_example(code: Array, model: Any, keys: Array | None, batch: int | None,
+                        bank: np.ndarray | None = None) -> Array:
     """Error-model readouts of ``code (P, M, ...)`` with one key per example
-    (rows of ``M`` example-major), so a draw depends on its example only."""
+    (rows of ``M`` example-major), so a draw depends on its example only;
+    ``bank`` (broadcast to ``code``'s trailing axes) picks each code's table."""
     if keys is None:
         raise ValueError("keys (one PRNG key per example) are required with an error model")
     p, m = code.shape[:2]
     b = int(batch if batch is not None else m)
     per = code.reshape(p, b, m // b, *code.shape[2:])
     per = jnp.moveaxis(per, 1, 0)
-    out = jax.vmap(lambda kk, c: mac_error.sample(kk, c, model, gradient=gradient))(keys, per)
+    out = jax.vmap(lambda kk, c: mac_error.sample(kk, c, model, gradient="ste", bank=bank)
+                   )(keys, per)
     return jnp.moveaxis(out, 0, 1).reshape(code.shape)
 
 

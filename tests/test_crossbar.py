@@ -165,6 +165,67 @@ def test_identity_error_model_changes_nothing_and_noise_is_per_example(problem):
     assert not np.array_equal(other, full)
 
 
+def _materialized_adc(planes, levels, lsb, n_codes, model, gradient, keys, batch):
+    """Reference of crossbar's ADC stage written with plain autodiff: every
+    partial sum kept, the readout's derivative the error model's slope (or 1)
+    where the ADC does not saturate."""
+    psum = jnp.einsum("pmtr,zitro->pmtzio", planes, levels, precision=lax.Precision.HIGHEST)
+    u = psum / lsb
+    r = jnp.round(u)
+    bank = cb.column_banks(model, levels.shape[1], levels.shape[-1])
+    read = cb._sample_per_example(jnp.clip(r, 0, n_codes - 1), model, keys, batch, bank)
+    factor = ((r >= 0) & (r <= n_codes - 1)).astype(u.dtype)
+    if gradient == "statistical":
+        factor = factor * mac_error.readout_slope_at(r, model, bank)
+    code = lax.stop_gradient(read) + lax.stop_gradient(factor) * (u - lax.stop_gradient(u))
+    w = jnp.asarray([[[4.0, 2.0, 1.0], [-4.0, -2.0, -1.0]]] * planes.shape[0])
+    return jnp.einsum("pmtzio,pzi->mo", code * lsb, w, precision=lax.Precision.HIGHEST)
+
+
+def test_column_banks_spread_a_differential_pair_over_two_adcs():
+    model = mac_error.synthetic(jax.random.key(0), 32, "mild", n_banks=16)
+    banks = cb.column_banks(model, 4, 5)                     # (sign, slice, output)
+    assert banks.shape == (2, 4, 5)
+    # columns numbered output-major (o * 2 + sign) * S + slice, ADC = column mod 16
+    assert banks[0, 0, 0] == 0 and banks[1, 0, 0] == 4 and banks[0, 3, 1] == 11
+    assert banks[1, 3, 1] == 15 and banks[0, 0, 2] == 0
+    assert np.all(banks[0] != banks[1])
+    assert cb.column_banks(mac_error.synthetic(jax.random.key(0), 32, "mild"), 4, 5) is None
+
+
+@pytest.mark.parametrize("gradient, n_banks", [("statistical", None), ("ste", None),
+                                               ("statistical", 4)])
+def test_adc_backward_recomputes_what_autodiff_keeps(gradient, n_banks):
+    """The ADC stage's custom backward (partial sums recomputed, not kept)
+    gives autodiff's gradients of the materialized stage, and the same
+    forward; saturating partial sums (above code 31) get no gradient."""
+    rng = np.random.default_rng(1)
+    n_codes, lsb, batch = 32, 1.0, 3
+    planes = rng.integers(0, 8, (2, 6, 3, 8))                                # (P, M, T, R)
+    planes[:, 0] = 0                                                         # zero sums
+    planes = jnp.asarray(planes, jnp.float32)
+    levels = jnp.asarray(rng.integers(0, 2, (2, 3, 3, 8, 5)), jnp.float32)  # (2, S, T, R, O)
+    model = mac_error.synthetic(jax.random.key(4), n_codes, "severe", compression=0.5,
+                                gain_std=0.1, n_banks=n_banks)
+    keys = jax.random.split(jax.random.key(5), batch)
+    weights = np.asarray([[[4.0, 2.0, 1.0], [-4.0, -2.0, -1.0]]] * 2, np.float32)
+    adc = cb._Adc(lsb, n_codes, gradient, batch, weights.tobytes())
+    cot = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+
+    def loss(f):
+        return lambda pl, lv: jnp.sum(f(pl, lv) * cot)
+
+    got = jax.value_and_grad(loss(lambda pl, lv: cb._adc_shift_add(adc, pl, lv, model, keys)),
+                             argnums=(0, 1))(planes, levels)
+    want = jax.value_and_grad(loss(lambda pl, lv: _materialized_adc(
+        pl, lv, lsb, n_codes, model, gradient, keys, batch)), argnums=(0, 1))(planes, levels)
+    psum = np.einsum("pmtr,zitro->pmtzio", planes, levels)
+    assert (psum / lsb >= n_codes - 0.5).any() and (psum == 0).any()   # both ends exercised
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for g, h in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-4)
+
+
 def test_statistical_and_straight_through_gradients(problem):
     p, x = problem
     cfg = cb.MacroConfig(rows=16, dac_bits=4, weight_bits=4, cell_bits=1, adc_bits=6)

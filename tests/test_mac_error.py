@@ -320,6 +320,47 @@ def test_synthetic_components_alone():
     assert b.n_banks == 4 and len({np.asarray(b.table[i]).tobytes() for i in range(4)}) > 1
 
 
+def test_synthetic_compression_is_the_quadratic_transfer_curve():
+    """compression a: every ideal code c reads the nearest code to c (1 - a c / (C-1))."""
+    k = np.arange(64.0)
+    for a in (0.25, 0.5):
+        t = np.asarray(me.synthetic(jax.random.key(0), 64, "ideal", compression=a).table)
+        np.testing.assert_array_equal(t.argmax(1), np.floor(k * (1 - a * k / 63) + 0.5))
+        assert t.max() == 1.0                                  # no spread: point masses
+    # the statistical gradient sees the compression: slope 1 - 2 a x
+    m = me.synthetic(jax.random.key(0), 256, "ideal", compression=0.5, spread=2.0)
+    slope = np.asarray(me.readout_slope(m))
+    np.testing.assert_allclose(slope[32:224], 1 - np.arange(32, 224) / 255, atol=0.02)
+
+
+def test_synthetic_gain_std_draws_one_gain_per_bank():
+    """Per-bank gains: the slope of each bank's mean readout is 1 + g_b, and
+    the g_b have std gain_std (64 banks: the sample std is within 4 of its
+    standard errors, sigma / sqrt(2 (n - 1)), of the parameter)."""
+    n_b, gain_std = 64, 0.05
+    m = me.synthetic(jax.random.key(3), 256, "ideal", gain_std=gain_std, n_banks=n_b)
+    mu = np.asarray(m.mu, np.float64)
+    g = (mu[:, 120] - mu[:, 8]) / 112 - 1.0                  # rounding: <= 1/112 per bank
+    se = gain_std / np.sqrt(2 * (n_b - 1))
+    assert abs(g.std(ddof=1) - gain_std) < 4 * se + 1 / 112
+    assert abs(g.mean()) < 4 * gain_std / np.sqrt(n_b) + 1 / 112
+    # shared table: no gain draw; the offsets and DNL of an unchanged key stay as they were
+    same = me.synthetic(jax.random.key(3), 256, "dnat_like", gain_std=0.0)
+    np.testing.assert_array_equal(same.table, me.synthetic(jax.random.key(3), 256,
+                                                           "dnat_like").table)
+
+
+def test_readout_slope_at_indexes_each_banks_slope(banked16):
+    codes = jnp.asarray([[0.0, 5.4, 15.0], [300.0, -2.0, 8.0]])
+    bank = jnp.asarray([[0, 1, 2], [2, 2, 1]])
+    got = me.readout_slope_at(codes, banked16, bank)
+    slope = np.asarray(me.readout_slope(banked16))
+    want = slope[np.asarray(bank), np.clip(np.round(np.asarray(codes)), 0, 15).astype(int)]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)  # float32 slopes vs from the table
+    with pytest.raises(ValueError, match="bank"):
+        me.readout_slope_at(codes, banked16)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(offset=float("nan")), "offset"),
     (dict(offset=-float("inf")), r"offset must be in \(-inf, inf\)"),
@@ -333,6 +374,9 @@ def test_synthetic_components_alone():
     (dict(jump_size=float("inf")), "jump_size must be finite"),
     (dict(dnl=float("nan")), "dnl"),
     (dict(offset_std=-1.0), "offset_std"),
+    (dict(compression=0.6), "compression"),
+    (dict(compression=-0.1), "compression"),
+    (dict(gain_std=-0.01), "gain_std"),
     (dict(n_banks=0), "n_banks"),
     (dict(preset="strong"), "preset"),
 ])
@@ -352,6 +396,19 @@ def test_presets_are_valid_and_ordered():
     for name in ("ideal", "mild", "dnat_like", "severe"):
         sds.append(np.sqrt(_row_moments(me.synthetic(jax.random.key(0), 128, name).table)[1][64]))
     assert sds == sorted(sds) and sds[0] == 0
+
+
+def test_macro_like_is_mostly_systematic():
+    """The documented intent of "macro_like": across 16 ADCs the mean readout
+    of a code differs (offset and gain mismatch) by more than one readout's
+    random std, and the curve compresses by about 25 % at the top."""
+    m = me.synthetic(jax.random.key(0), 128, "macro_like", n_banks=16)
+    mu, var = _row_moments(m.table)
+    between = mu.std(axis=0, ddof=1)[16:120]
+    within = np.sqrt(var).mean(axis=0)[16:120]
+    assert np.all(between > within)
+    top = np.median(mu[:, 120]) - 1.0                     # less the 1 LSB mean offset
+    assert 0.6 * 120 < top < 0.9 * 120                      # 120 (1 - 0.25 * 120/127) = 91.7
 
 
 def test_gaussian_like_matches_mean_and_variance(dnat128, banked16):
