@@ -69,16 +69,22 @@ def _memory(jitted, *args) -> dict:
     return out
 
 
-def _time(fns: dict, repeats: int) -> dict:
-    """Median seconds per call of each ``fn()`` (blocking), repeats interleaved."""
+def _time(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Median wall seconds and median process CPU seconds (every thread) per
+    call of each ``fn()`` (blocking), repeats interleaved. On a shared machine
+    the CPU time is the steadier measure of the work (wall time counts the
+    waits for other processes)."""
     import jax
-    times: dict = {k: [] for k in fns}
+    wall: dict = {k: [] for k in fns}
+    cpu: dict = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+    return ({k: statistics.median(v) for k, v in wall.items()},
+            {k: statistics.median(v) for k, v in cpu.items()})
 
 
 def _compile_s(fn) -> float:
@@ -136,7 +142,7 @@ def main(argv: list[str]) -> None:
                "macro_ideal": _memory(ideal_f, variables, bounds, x),
                "macro_error": _memory(noisy_f, variables, bounds, x, keys)}
     fwd_compile = {k: _compile_s(f) for k, f in fwd.items()}
-    fwd_s = _time(fwd, repeats)
+    fwd_s, fwd_cpu = _time(fwd, repeats)
 
     # training steps: the library's jitted step, plain and D-NAT (same optimizer, lowering)
     lowering = training.resolve_conv_lowering("xla")
@@ -156,7 +162,7 @@ def main(argv: list[str]) -> None:
     step_mem = {k: _memory(steps[k], *args[k]) for k in steps}
     step_fns = {k: (lambda k=k: steps[k](*args[k])) for k in steps}
     step_compile = {k: _compile_s(f) for k, f in step_fns.items()}
-    step_s = _time(step_fns, repeats)
+    step_s, step_cpu = _time(step_fns, repeats)
 
     res: dict = {
         "backend": jax.default_backend(), "model": FLAGS.model, "batch_size": batch,
@@ -165,7 +171,9 @@ def main(argv: list[str]) -> None:
         "forward_s": fwd_s, "forward_compile_s": fwd_compile, "forward_memory": fwd_mem,
         "forward_ratio": {k: _ratio(fwd_s[k], fwd_s["plain"]) for k in fwd_s},
         "train_step_s": step_s, "train_compile_s": step_compile, "train_memory": step_mem,
+        "forward_cpu_s": fwd_cpu, "train_step_cpu_s": step_cpu,
         "train_time_overhead": _ratio(step_s["dnat"], step_s["plain"]),
+        "train_cpu_time_overhead": _ratio(step_cpu["dnat"], step_cpu["plain"]),
         "train_memory_overhead": _ratio(step_mem["dnat"]["peak_bytes"],
                                         step_mem["plain"]["peak_bytes"]),
         "train_temp_memory_overhead": _ratio(step_mem["dnat"]["temp_size_in_bytes"],
@@ -179,16 +187,17 @@ def main(argv: list[str]) -> None:
           f"(R={cfg.rows}, DAC {cfg.dac_bits} b, {cfg.weight_bits}-bit weights over "
           f"{cfg.n_slices} cells, ADC {cfg.adc_bits} b), error model {FLAGS.error_model}, "
           f"{jax.default_backend()}, median of {repeats}")
-    print(f"{'':22s} {'ms':>9s} {'x plain':>8s} {'1st call s':>10s} {'peak MiB':>9s} "
-          f"{'temp MiB':>9s}")
-    for label, s, comp, mem, base in (
-            [(f"forward {k}", fwd_s[k], fwd_compile[k], fwd_mem[k], fwd_s["plain"])
-             for k in fwd_s]
-            + [(f"train step {k}", step_s[k], step_compile[k], step_mem[k], step_s["plain"])
-               for k in step_s]):
-        print(f"{label:22s} {s * 1e3:9.1f} {s / base:8.2f} {comp:10.2f} "
-              f"{mib(mem['peak_bytes'])} {mib(mem['temp_size_in_bytes'])}")
-    print(f"D-NAT training step over plain: time {res['train_time_overhead']:.2f}x, memory "
+    print(f"{'':22s} {'ms':>9s} {'x plain':>8s} {'cpu ms':>9s} {'x plain':>8s} "
+          f"{'1st call s':>10s} {'peak MiB':>9s} {'temp MiB':>9s}")
+    for label, s, c, comp, mem, base, base_c in (
+            [(f"forward {k}", fwd_s[k], fwd_cpu[k], fwd_compile[k], fwd_mem[k], fwd_s["plain"],
+              fwd_cpu["plain"]) for k in fwd_s]
+            + [(f"train step {k}", step_s[k], step_cpu[k], step_compile[k], step_mem[k],
+                step_s["plain"], step_cpu["plain"]) for k in step_s]):
+        print(f"{label:22s} {s * 1e3:9.1f} {s / base:8.2f} {c * 1e3:9.1f} {c / base_c:8.2f} "
+              f"{comp:10.2f} {mib(mem['peak_bytes'])} {mib(mem['temp_size_in_bytes'])}")
+    print(f"D-NAT training step over plain: time {res['train_time_overhead']:.2f}x wall, "
+          f"{res['train_cpu_time_overhead']:.2f}x CPU, memory "
           + (f"{res['train_memory_overhead']:.2f}x (peak), "
              f"{res['train_temp_memory_overhead']:.2f}x (temporaries)"
              if res["train_memory_overhead"] is not None else "n/a"))

@@ -11,10 +11,12 @@ model. Writes ``results.jsonl`` (one row per trained model, resumable),
 
 from __future__ import annotations
 
+import dataclasses
+
 from absl import flags, logging
 
 from experiments import _cli
-from swimjax import crossbar, data, dnat, mac_error, models, quantizers
+from swimjax import crossbar, data, dnat, mac_error, models, quantizers, report
 
 _D = dnat.DnatConfig()
 FLAGS = flags.FLAGS
@@ -39,6 +41,11 @@ flags.DEFINE_float("adc_range", None, "ADC full scale as a fraction of the large
 flags.DEFINE_string("error_model", _D.error_model,
                     f"A synthetic table {sorted(mac_error.PRESETS)} or a table file "
                     "(.npz with key 'table', or .csv ideal,readout,probability|count).")
+flags.DEFINE_integer("banks", _D.banks, "ADCs with a synthetic table of their own (0: one "
+                     "table shared by every ADC).")
+flags.DEFINE_list("seeds", None, "Seeds to run, each a full run (float model, table, "
+                  "training); several add means over seeds and paired differences to "
+                  "summary.md (default: --seed alone).")
 flags.DEFINE_string("layers", _D.layers, "Macro layers: 'all_but_first_and_last' or a regular "
                     "expression over kernel paths (params/Conv_1/kernel style).")
 flags.DEFINE_list("trainings", list(_D.trainings), f"Any of {list(dnat.TRAININGS)}.")
@@ -63,7 +70,8 @@ def config_from_flags() -> dnat.DnatConfig:
         checkpoint=FLAGS.checkpoint, seed=FLAGS.seed, float_epochs=FLAGS.float_epochs,
         n_train=FLAGS.n_train, n_test=FLAGS.n_test or None, macro=FLAGS.macro, rows=FLAGS.rows,
         dac_bits=FLAGS.dac_bits, adc_bits=FLAGS.adc_bits, weight_bits=FLAGS.weight_bits,
-        adc_range=FLAGS.adc_range, error_model=FLAGS.error_model, layers=FLAGS.layers,
+        adc_range=FLAGS.adc_range, error_model=FLAGS.error_model,
+        banks=FLAGS.banks or None, layers=FLAGS.layers,
         trainings=tuple(FLAGS.trainings), gradients=tuple(FLAGS.gradients),
         quantizers=tuple(FLAGS.quantizers), start=FLAGS.start,
         calibration_percentile=FLAGS.calibration_percentile, epochs=FLAGS.epochs,
@@ -78,8 +86,15 @@ def main(argv: list[str]) -> None:
         config = config_from_flags()
         if config.error_model.endswith((".npz", ".csv")):
             mac_error.load(config.error_model, n_codes=config.macro_config().n_codes)
+        seeds = list(_cli.int_list_flag("seeds", 0)) if FLAGS.seeds else [config.seed]
     _cli.check_sweep_inputs(config.sweep_config(), FLAGS.out_dir)
-    rows = dnat.run_dnat(config, FLAGS.out_dir)
+    rows = []
+    for seed in dict.fromkeys(seeds):
+        rows += dnat.run_dnat(dataclasses.replace(config, seed=seed), FLAGS.out_dir)
+    if len(set(seeds)) > 1:
+        with open(f"{FLAGS.out_dir}/summary.md", "w", encoding="utf-8") as f:
+            f.write(report.dnat_seeds_markdown(rows, title=f"D-NAT, {config.model}, error "
+                                               f"model {config.error_model}, seeds {seeds}"))
     with open(f"{FLAGS.out_dir}/summary.md", encoding="utf-8") as f:
         print(f.read())
     logging.info("%d points in %s/results.jsonl", len(rows), FLAGS.out_dir)

@@ -187,6 +187,62 @@ def dnat_summary_markdown(rows: Sequence[Row], title: str = "D-NAT") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _mean_se(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error (``std(ddof=1) / sqrt(n)``; 0 for one value)."""
+    a = np.asarray(xs, np.float64)
+    return float(a.mean()), float(a.std(ddof=1) / np.sqrt(a.size)) if a.size > 1 else 0.0
+
+
+def dnat_seeds_markdown(rows: Sequence[Row], title: str = "D-NAT over seeds") -> str:
+    """Rows of several seeds (each a full run: float model, table, training):
+    per trained model the mean over seeds of the ideal-macro accuracy and of
+    the accuracy under the error model, with standard errors over seeds, and
+    the paired differences (same seed) the D-NAT paper compares: the
+    statistical gradient against straight-through, E-PACT against fixed and
+    one-sided PACT bounds, D-NAT against A-NAT and QAT, QAT's drop."""
+    rows = list(rows)
+    by: dict[tuple[str, str, str], dict[int, Row]] = {}
+    for r in rows:
+        by.setdefault((r["training"], r["gradient"], r["quantizer"]), {})[int(r["seed"])] = r
+    seeds = sorted({int(r["seed"]) for r in rows})
+    lines = [f"# {title}", "", f"seeds {seeds}; mean +- standard error over seeds (each "
+             f"seed's accuracy under the error model is itself a Monte-Carlo mean)", "",
+             "| training | gradient | DAC bounds | seeds | ideal macro (%) | under the error "
+             "model (%) |", "|---|---|---|---|---|---|"]
+    for (t, g, q), per in by.items():
+        cm, cs = _mean_se([100 * r["clean_acc"] for r in per.values()])
+        am, as_ = _mean_se([100 * r["acc_mean"] for r in per.values()])
+        lines.append(f"| {t} | {g} | {q} | {len(per)} | {cm:.2f} +- {cs:.2f} | "
+                     f"{am:.2f} +- {as_:.2f} |")
+    qat = [k for k in by if k[0] == "qat"]
+    dn = [k for k in by if k[0] == "dnat"]
+    q0 = qat[0][2] if qat else (dn[0][2] if dn else None)
+    g0 = dn[0][1] if dn else None
+    pairs: list[tuple[str, tuple, str, tuple, str]] = []
+    if qat:
+        pairs.append(("QAT under the error model - QAT on the ideal macro (the drop)",
+                      qat[0], "acc_mean", qat[0], "clean_acc"))
+    pairs.append(("D-NAT statistical - straight-through", ("dnat", "statistical", q0),
+                  "acc_mean", ("dnat", "ste", q0), "acc_mean"))
+    for q in ("fixed", "pact"):
+        if q != q0:
+            pairs.append((f"D-NAT {q0} - {q} bounds", ("dnat", g0, q0), "acc_mean",
+                          ("dnat", g0, q), "acc_mean"))
+    pairs.append(("D-NAT - A-NAT (under the error model)", ("dnat", g0, q0), "acc_mean",
+                  ("anat", g0, q0), "acc_mean"))
+    if qat:
+        pairs.append(("D-NAT under the error model - QAT on the ideal macro",
+                      ("dnat", g0, q0), "acc_mean", qat[0], "clean_acc"))
+    lines += ["", "| paired difference (same seeds) | seeds | points |", "|---|---|---|"]
+    for label, a, fa, b, fb in pairs:
+        common = sorted(set(by.get(a, {})) & set(by.get(b, {})))
+        if not common:
+            continue
+        m, se = _mean_se([100 * (by[a][s][fa] - by[b][s][fb]) for s in common])
+        lines.append(f"| {label} | {len(common)} | {m:+.2f} +- {se:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------
 # Reliability experiments (swimjax.reliability): drift over time, stuck-at faults
 # ----------------------------------------------------------------------------
