@@ -83,6 +83,7 @@ def _methods(probes: int) -> dict[str, Method]:
         "swim_first_order": lambda k, f, p, b: sens.swim(k, f, p, b, first_order=True),
         "ggn": lambda k, f, p, b: sens.ggn(k, f, p, b),
         "ggn_sampled": lambda k, f, p, b: sens.ggn_sampled(k, f, p, b),
+        "ggn_sampled_vjp": lambda k, f, p, b: sens.ggn_sampled(k, f, p, b, per_example="vjp"),
         "ggn_sampled_0_1": lambda k, f, p, b: sens.ggn_sampled(k, f, p, b, top=0, samples=1),
         "fisher": lambda k, f, p, b: sens.fisher(k, f, p, b),
         "empirical_fisher": lambda k, f, p, b: sens.score("empirical_fisher", k, f, p, b),
