@@ -42,7 +42,9 @@ flags.DEFINE_float("train_sigma", None, "Device sigma of noise-injection trainin
 flags.DEFINE_float("rcg_tau", _D.rcg_tau, "Right-censoring point of rcg training noise.")
 flags.DEFINE_integer("finetune_epochs", _D.finetune_epochs,
                      "Epochs per round of selection-aware fine-tuning.")
-flags.DEFINE_float("finetune_lr", _D.finetune_lr, "Learning rate of the fine-tuning.")
+flags.DEFINE_float("finetune_lr", _D.finetune_lr, "(Peak) learning rate of the fine-tuning.")
+flags.DEFINE_enum("finetune_schedule", _D.finetune_schedule, ["constant", "cosine"],
+                  "Learning-rate schedule of each fine-tuning round.")
 flags.DEFINE_integer("rounds", _D.rounds, "Selection-aware rounds (score, select, fine-tune).")
 flags.DEFINE_integer("n_train", None, "Training images (default: all).")
 flags.DEFINE_integer("n_test", None, "Test images (default: all).")
@@ -61,6 +63,7 @@ def config_from_flags() -> beyond.BeyondConfig:
         mc_runs=FLAGS.mc_runs, seed=FLAGS.seed, train_epochs=FLAGS.train_epochs,
         train_sigma=FLAGS.train_sigma, rcg_tau=FLAGS.rcg_tau,
         finetune_epochs=FLAGS.finetune_epochs, finetune_lr=FLAGS.finetune_lr,
+        finetune_schedule=FLAGS.finetune_schedule,
         rounds=FLAGS.rounds, n_train=FLAGS.n_train, n_test=FLAGS.n_test, n_score=FLAGS.n_score,
         chunk_size=FLAGS.chunk_size, progress=FLAGS.progress)
 

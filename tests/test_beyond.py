@@ -28,6 +28,24 @@ def test_config_validation():
     with pytest.raises(ValueError, match="rounds"):
         beyond.BeyondConfig(rounds=0)
     assert beyond.parse_combination("rcg+sa/ggn") == ("rcg+sa", "ggn")
+    with pytest.raises(ValueError, match="finetune_schedule must be one of"):
+        beyond.BeyondConfig(finetune_schedule="linear")
+
+
+def test_checkpoint_labels_name_every_training_setting():
+    """A base model or a fine-tuned one is never loaded for other settings:
+    the noise's sigma and tau, and the fine-tuning's epochs, rate and
+    schedule, are in the checkpoint names."""
+    c = beyond.BeyondConfig(sigma_d=0.3)
+    assert beyond.base_label(c, "plain") == "plain"
+    assert beyond.base_label(c, "gaussian") == "gaussian-s0.3"
+    assert beyond.base_label(c, "rcg") == "rcg-s0.3-t1"
+    c2 = beyond.BeyondConfig(sigma_d=0.3, train_sigma=0.1, rcg_tau=0.5)
+    assert beyond.base_label(c2, "gaussian") == "gaussian-s0.1"
+    assert beyond.base_label(c2, "rcg") == "rcg-s0.1-t0.5"
+    labels = {beyond.finetune_label(beyond.BeyondConfig(**kw)) for kw in (
+        {}, dict(finetune_epochs=3), dict(finetune_lr=1e-3), dict(finetune_schedule="cosine"))}
+    assert len(labels) == 4
 
 
 def _row(training, method, budget, mean, sem, p1, cost=1.0):
