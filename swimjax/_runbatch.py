@@ -85,8 +85,7 @@ def _in_perm(v: _Val, perm: tuple[int, ...] | None) -> Any:
     want = perm or tuple(range(v.ndim))
     axes = tuple(cur.index(d) for d in want)
     lead = _lead(v)
-    (array,) = _materialized(v.array)
-    return lax.transpose(array, tuple(range(lead)) + tuple(lead + a for a in axes))
+    return lax.transpose(v.array, tuple(range(lead)) + tuple(lead + a for a in axes))
 
 
 def _logical(v: _Val) -> Any:
