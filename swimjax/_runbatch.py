@@ -321,7 +321,8 @@ _pool_taps.defvjp(_pool_taps_fwd, _pool_taps_bwd)
 
 def _rule_reduce_window(eqn, vals: Sequence[_Val]) -> list[_Val]:
     """Pooling as an elementwise max/min/sum of strided slices, in the
-    operand's own layout (with a gradient that scatters by pads, not
+    operand's own layout (with a gradient that spreads by a broadcast when
+    the windows tile the input, else scatters by pads; never
     select-and-scatter)."""
     (v,) = vals
     p = eqn.params
@@ -658,8 +659,11 @@ def lowered(fn: Callable[..., Any], *, max_gemm_k: int | None = None) -> Callabl
 
     Differentiable: ``jax.grad`` of the result goes through the GEMMs
     (custom gradients keep their matrix products in fast layouts), col2im
-    (the patches' taps padded back into place) and the pooling's first-max
-    routing (XLA's select-and-scatter rule, by pads). Equations that do not
+    (stride 1: slices of one padded ``W^T g``; else the taps padded back into
+    place), the pooling's first-max routing (XLA's select-and-scatter rule:
+    the forward's first-maximum tap, spread by a broadcast when the windows
+    tile the input, else by pads) and elementwise custom-derivative calls
+    (e.g. ``relu``) bound as they are in the GEMM's layout. Equations that do not
     depend on ``params`` (e.g. the input images' patches) are computed as in
     ``fn``. Same numbers as ``fn`` up to float rounding.
 
