@@ -59,9 +59,11 @@ Hessian-vector product per parameter (small models only). ``ggn_sampled``
 with ``ggn`` on LeNet (4,000 digits): with ``per_example="taps"`` (default
 where the model allows) its per-example gradients come from one batched
 backward pass to the parameter-consuming primitives (:mod:`swimjax._taps`):
-2.9 passes (2.6 in CPU time) where the per-example vector-Jacobian products
+2.5 to 2.6 passes in CPU time, 2.9 to 3.5 in wall time on 2 loaded shared
+cores (two runs), where the per-example vector-Jacobian products
 (``per_example="vjp"``, which XLA:CPU runs at 3 to 4 gradient passes each)
-took 8.4 in the same loaded-machine run; same estimate to 1e-6.
+took 7.9 to 8.2 (CPU) and 8.4 to 9.6 (wall) in the same runs; same estimate
+to 1e-6.
 """
 
 from __future__ import annotations
