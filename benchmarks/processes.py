@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -60,17 +59,12 @@ print(json.dumps(dict(process=pid, devices=len(jax.devices()), seconds=statistic
 """
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def measure(n_proc: int) -> dict:
     """Process 0's report of an evaluation split over ``n_proc`` processes."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    port = _port()
+    from swimjax import distributed  # the parent computes nothing: JAX's start is harmless
+    port = distributed.free_port()
     args = [str(n_proc), "{pid}", str(port), str(FLAGS.n_runs), str(FLAGS.n_images),
             str(FLAGS.repeats)]
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER,

@@ -33,7 +33,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn
 
 from absl import app, flags
 
@@ -364,29 +364,18 @@ def check_checkpoint(path: str, *, expect: Mapping[str, Any] | None = None,
     return None
 
 
-class SweepInputs(Protocol):
-    """The fields of a sweep configuration that name inputs (``swimjax.sweep.SweepConfig``)."""
-
-    model: str
-    dataset: str
-    data_dir: str | None
-    checkpoint: str | None
-    n_train: int | None
-    n_test: int | None
-
-    @property
-    def dataset_label(self) -> str: ...
-
-
-def check_sweep_inputs(config: SweepInputs, out_dir: str) -> None:
-    """Pre-flight checks of a SWIM sweep, in this order:
+def check_sweep_inputs(config: Any, out_dir: str) -> None:
+    """Pre-flight checks of a run whose model comes from
+    :func:`swimjax.sweep.prepare` (``config`` is its ``swimjax.sweep.SweepConfig``),
+    in this order:
 
     1. ``--out_dir`` exists writable or can be created (:func:`check_out_dir`);
     2. ``--dataset`` is known and ready in ``--data_dir``, and ``--n_train`` /
        ``--n_test`` fit it (:func:`check_dataset`);
     3. the checkpoint the sweep would use (``--checkpoint``, else the default
        path inside ``--out_dir``), if it exists, is intact and saved for this
-       ``--model`` and dataset; if it does not, it can be written after
+       ``--model``, dataset and training noise
+       (:func:`swimjax.sweep.checkpoint_expect`); if it does not, it can be written after
        training (:func:`check_checkpoint`).
 
     Raises :class:`UserError`; creates nothing.
@@ -396,7 +385,7 @@ def check_sweep_inputs(config: SweepInputs, out_dir: str) -> None:
     check_out_dir(out_dir)
     check_dataset(config.dataset, config.data_dir, n_train=config.n_train, n_test=config.n_test)
     path = config.checkpoint or sweep.default_checkpoint_path(config, out_dir)
-    check_checkpoint(path, expect={"model": config.model, "dataset": config.dataset_label})
+    check_checkpoint(path, expect=sweep.checkpoint_expect(config))
 
 
 # ------------------------------------------------------------------ processes

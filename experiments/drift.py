@@ -96,7 +96,7 @@ def main(argv: list[str]) -> None:
     with _cli.user_errors():
         config = config_from_flags()
     out_dir = FLAGS.out_dir or f"runs/{config.mode}"
-    _cli.check_sweep_inputs(config, out_dir)
+    _cli.check_sweep_inputs(config.sweep_config(), out_dir)
     rows = reliability.run(config, out_dir)
     with open(f"{out_dir}/summary.md", encoding="utf-8") as f:
         print(f.read())

@@ -111,16 +111,14 @@ def main(argv: list[str]) -> None:
     (``SweepConfig`` validates every value); then
     :func:`experiments._cli.check_sweep_inputs`: ``--out_dir`` writable or
     creatable, ``--dataset`` ready in ``--data_dir`` with room for
-    ``--n_train`` / ``--n_test``, the checkpoint intact and of this model;
-    and a checkpoint that records its training noise must record this run's.
+    ``--n_train`` / ``--n_test``, the checkpoint intact and of this model,
+    dataset and training noise.
     """
     _cli.no_arguments(argv)
     _cli.initialize_distributed()
     with _cli.user_errors():
         config = config_from_flags()
     _cli.check_sweep_inputs(config, FLAGS.out_dir)
-    _cli.check_checkpoint(config.checkpoint or sweep.default_checkpoint_path(config, FLAGS.out_dir),
-                          expect=sweep.checkpoint_expect(config))
     rows = sweep.run_sweep(config, FLAGS.out_dir)
     if distributed.is_writer():
         with open(f"{FLAGS.out_dir}/summary.md", encoding="utf-8") as f:

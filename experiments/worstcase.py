@@ -87,7 +87,7 @@ def main(argv: list[str]) -> None:
     with _cli.user_errors():
         config = config_from_flags()
         config.tolerance_used()
-    _cli.check_sweep_inputs(config, FLAGS.out_dir)
+    _cli.check_sweep_inputs(config.sweep_config(), FLAGS.out_dir)
     rows = worstcase.run_experiment(config, FLAGS.out_dir)
     with open(f"{FLAGS.out_dir}/summary.md", encoding="utf-8") as f:
         print(f.read())

@@ -19,7 +19,7 @@ import numpy as np
 
 from swimjax import _validation as v
 
-__all__ = ["initialize", "is_writer", "broadcast", "process_count", "process_index"]
+__all__ = ["initialize", "is_writer", "broadcast", "free_port", "process_count", "process_index"]
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -58,6 +58,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     else:
         jax.distributed.initialize(coordinator_address=coordinator_address,
                                    num_processes=num_processes, process_id=process_id)
+
+
+def free_port(host: str = "localhost") -> int:
+    """A TCP port on ``host`` that is free now, for the coordinator of a
+    multi-process run started on one machine (``--coordinator_address
+    localhost:<port>``)."""
+    import socket
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def process_count() -> int:

@@ -249,6 +249,15 @@ class ReliabilityConfig:
         """The dataset's name for files and rows (:func:`swimjax.data.dataset_label`)."""
         return data_lib.dataset_label(self.dataset)
 
+    def sweep_config(self) -> sweep.SweepConfig:
+        """The floating-point model's settings, for :func:`swimjax.sweep.prepare`
+        (the checkpoint is shared with a SWIM sweep of the same model and data)."""
+        return sweep.SweepConfig(model=self.model, dataset=self.dataset, data_dir=self.data_dir,
+                                 checkpoint=self.checkpoint, seed=self.seed,
+                                 train_epochs=self.train_epochs, n_train=self.n_train,
+                                 n_test=self.n_test, n_score=self.n_score,
+                                 measure_cycles=False, progress=self.progress)
+
     def mapping_config(self) -> mapping.MappingConfig:
         return mapping.MappingConfig(weight_bits=self.weight_bits, device_bits=self.device_bits,
                                      sign=self.sign)
@@ -507,7 +516,7 @@ def run(config: ReliabilityConfig, out_dir: str) -> list[dict[str, Any]]:
     (rows of another configuration in the file are left out, with a warning)."""
     os.makedirs(out_dir, exist_ok=True)
     res = results.ResultsFile(os.path.join(out_dir, "results.jsonl"), KEY_FIELDS)
-    prep = sweep.prepare(config, out_dir)
+    prep = sweep.prepare(config.sweep_config(), out_dir)
     ident = identity(config, prep)
     cid = sweep.config_id(ident)
     others = [r for r in res.rows if r.get("config_id") != cid]

@@ -44,7 +44,7 @@ def test_checkpoint_labels_name_every_training_setting():
     assert beyond.base_label(c2, "gaussian") == "gaussian-s0.1"
     assert beyond.base_label(c2, "rcg") == "rcg-s0.1-t0.5"
     labels = {beyond.finetune_label(beyond.BeyondConfig(**kw)) for kw in (
-        {}, dict(finetune_epochs=3), dict(finetune_lr=1e-3), dict(finetune_schedule="cosine"))}
+        {}, dict(finetune_epochs=3), dict(finetune_lr=3e-3), dict(finetune_schedule="cosine"))}
     assert len(labels) == 4
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from swimjax import distributed
 from swimjax import montecarlo as mc
 
 N_EX = 90          # examples
@@ -463,18 +464,12 @@ _PROCESS_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_two_devices(base_result):
     """Runs split over 2 processes (1 CPU device each, gloo) give every process
     the numbers of one process with 2 devices, bit for bit."""
-    script = _PROCESS_SCRIPT.format(port=_free_port(), tests_dir=os.path.dirname(__file__))
+    script = _PROCESS_SCRIPT.format(port=distributed.free_port(),
+                                    tests_dir=os.path.dirname(__file__))
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=1")
     procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env,

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from swimjax import montecarlo, sweep
+from swimjax import distributed, montecarlo, sweep
 
 REQUIRED = ("model", "dataset", "method", "budget", "nwc", "speedup", "mc_runs", "acc_mean",
             "acc_std", "acc_sem", "acc_p1", "acc_p5", "acc_min", "clean_acc", "sigma_d",
@@ -355,13 +355,6 @@ def test_binary_rejects_bad_nonuniform_and_device(tmp_path, flag, name):
     assert name in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_sweep_equals_one_process_and_resumes(tmp_path):
     """The sweep binary on 2 CPU processes (gloo; process 0 writes) gives the
@@ -380,7 +373,7 @@ def test_two_process_sweep_equals_one_process_and_resumes(tmp_path):
     lines = (one / "results.jsonl").read_text().splitlines()
     (two / "results.jsonl").write_text("\n".join(lines[:2]) + "\n")  # killed after 2 points
     env1 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    port = _free_port()
+    port = distributed.free_port()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "experiments.swim", *common, f"--out_dir={two}",
          f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
