@@ -15,13 +15,25 @@ r"""Benchmark: training speed with and without the convolution lowering.
   :mod:`swimjax.training` at batch ``--batch_size``, ``--convnet_steps`` /
   ``--resnet_steps`` timed steps after one compiling step, both lowerings.
 
+* ``--torch``: the same LeNet, data, optimizer, batch and epochs trained by
+  PyTorch on the same CPU in the same run (``torch`` is not a dependency of
+  swimjax: install it to use this flag), as the SWIM authors' code does it
+  (``nn.Conv2d`` / ``F.max_pool2d`` / ``nn.Linear``, Adam, a test evaluation
+  each epoch), but without a ``DataLoader``: batches are slices of
+  pre-shuffled tensors, so its figure is, if anything, optimistic. Timed the
+  same way (median epoch after the first).
+* ``--repeats``: the LeNet runs are repeated, interleaved (gemm, xla, torch,
+  gemm, ...); each figure is the median over repeats and each ratio the
+  median of the per-repeat ratios, so a slow spell of a shared CPU does not
+  land on one variant only.
+
 Each throughput is also given as a fraction of the machine's large-GEMM FLOP
 rate, measured in the same run (a ``--gemm_n``-cubed float32 matrix product):
 FLOPs of a step are counted from the network's jaxpr (2 x multiply-accumulates
 of every convolution and matrix product in the forward pass) times 3 (forward,
 input gradient, weight gradient).
 
-  python -m benchmarks.training [--json out.json]
+  python -m benchmarks.training [--torch] [--json out.json]
 """
 
 from __future__ import annotations
@@ -44,6 +56,9 @@ flags.DEFINE_integer("resnet_steps", 2, "Timed ResNet-20 steps per lowering (0: 
 flags.DEFINE_integer("gemm_n", 2048, "Size of the reference square float32 GEMM.")
 flags.DEFINE_string("json", None, "Write the results here as JSON.")
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
+flags.DEFINE_integer("repeats", 1, "LeNet runs per variant, interleaved; medians are "
+                     "reported (a shared CPU's speed varies over minutes).")
+flags.DEFINE_bool("torch", False, "Also train the same LeNet with PyTorch (must be installed).")
 
 
 def _step_flops(apply_fn, variables, x) -> int:
@@ -87,6 +102,61 @@ def _lenet(data, lowering: str, epochs: int, batch: int) -> dict:
             "steps_per_s": (len(data.y_train) // batch) / epoch}
 
 
+def _torch_lenet(data, epochs: int, batch: int) -> dict:
+    """SWIM's LeNet trained by PyTorch on the same data (see the module doc)."""
+    import numpy as np
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    torch.manual_seed(FLAGS.seed)
+
+    class LeNet(nn.Module):
+        def __init__(self, num_classes: int, side: int):
+            super().__init__()
+            self.c1 = nn.Conv2d(data.x_train.shape[-1], 6, 3, padding=1)
+            self.c2 = nn.Conv2d(6, 16, 3, padding=1)
+            self.f1 = nn.Linear(16 * (side // 4) ** 2, 120)
+            self.f2 = nn.Linear(120, 84)
+            self.f3 = nn.Linear(84, num_classes)
+
+        def forward(self, x):
+            x = F.max_pool2d(F.relu(self.c1(x)), 2)
+            x = F.max_pool2d(F.relu(self.c2(x)), 2)
+            x = F.relu(self.f1(x.flatten(1)))
+            return self.f3(F.relu(self.f2(x)))
+
+    def nchw(a):
+        return torch.from_numpy(np.array(np.transpose(a, (0, 3, 1, 2)), dtype=np.float32))
+
+    xtr, xte = nchw(data.x_train), nchw(data.x_test)
+    ytr = torch.from_numpy(np.array(data.y_train, dtype=np.int64))
+    yte = torch.from_numpy(np.array(data.y_test, dtype=np.int64))
+    net = LeNet(data.num_classes, data.x_train.shape[1])
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    secs, acc, loss = [], 0.0, 0.0
+    steps = len(ytr) // batch
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(ytr))
+        net.train()
+        for i in range(steps):
+            idx = perm[i * batch:(i + 1) * batch]
+            opt.zero_grad()
+            out = F.cross_entropy(net(xtr[idx]), ytr[idx])
+            out.backward()
+            opt.step()
+        loss = float(out.detach())
+        net.eval()
+        with torch.no_grad():
+            acc = float((net(xte).argmax(1) == yte).float().mean())
+        secs.append(time.perf_counter() - t0)
+    epoch = statistics.median(secs[1:]) if len(secs) > 1 else secs[0]
+    return {"epoch_s": epoch, "compile_s": secs[0] - epoch, "total_s": sum(secs),
+            "test_acc": acc, "train_loss": loss, "steps_per_s": steps / epoch,
+            "torch_version": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
 def _steps(name: str, lowering: str, n_steps: int, batch: int) -> dict:
     import jax
     import numpy as np
@@ -118,11 +188,17 @@ def _steps(name: str, lowering: str, n_steps: int, batch: int) -> dict:
 
 def main(argv: list[str]) -> None:
     _cli.no_arguments(argv)
-    for name in ("lenet_epochs", "batch_size", "gemm_n"):
+    for name in ("lenet_epochs", "batch_size", "gemm_n", "repeats"):
         _cli.check_int(name, getattr(FLAGS, name), 1)
     for name in ("convnet_steps", "resnet_steps"):
         _cli.check_int(name, getattr(FLAGS, name), 0)
     _cli.check_output_file(FLAGS.json)
+    if FLAGS.torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise _cli.UserError("--torch needs PyTorch installed (pip install torch); "
+                                 "it is not a dependency of swimjax") from None
     import jax
     import numpy as np
 
@@ -142,13 +218,32 @@ def main(argv: list[str]) -> None:
     x0 = np.asarray(data.x_train[:batch])
     lenet_flops = _step_flops(lenet.train_apply, lenet.init(jax.random.key(0)), x0)
     rows = []
-    for lowering in ("gemm", "xla"):
-        r = _lenet(data, lowering, FLAGS.lenet_epochs, batch)
+    variants = ("gemm", "xla", "torch") if FLAGS.torch else ("gemm", "xla")
+    runs: dict[str, list[dict]] = {k: [] for k in variants}
+    for _ in range(FLAGS.repeats):  # interleaved, so a slow spell of a shared CPU hits all
+        for k in variants:
+            runs[k].append(_torch_lenet(data, FLAGS.lenet_epochs, batch) if k == "torch"
+                           else _lenet(data, k, FLAGS.lenet_epochs, batch))
+    for k in variants:
+        r = dict(runs[k][-1])
+        for f in ("epoch_s", "total_s"):
+            r[f] = statistics.median(run[f] for run in runs[k])
+        r["compile_s"] = runs[k][0]["compile_s"]  # later repeats reuse the compiled code
+        r["epoch_s_repeats"] = [run["epoch_s"] for run in runs[k]]
+        r["steps_per_s"] = (len(data.y_train) // batch) / r["epoch_s"]
         r["gemm_fraction"] = lenet_flops * r["steps_per_s"] / rate
-        res[f"lenet_{lowering}"] = r
-        rows.append((f"lenet {lowering}", r["steps_per_s"], r["epoch_s"], r["compile_s"],
-                     r["gemm_fraction"], f"acc {r['test_acc']:.4f}"))
-    res["lenet_speedup"] = res["lenet_xla"]["epoch_s"] / res["lenet_gemm"]["epoch_s"]
+        res[f"lenet_{k}"] = r
+        rows.append((f"lenet {'pytorch' if k == 'torch' else k}", r["steps_per_s"],
+                     r["epoch_s"], r["compile_s"], r["gemm_fraction"],
+                     f"acc {r['test_acc']:.4f}"))
+
+    def paired(a: str, b: str) -> float:
+        """Median over repeats of the epoch-time ratio b / a."""
+        return statistics.median(y["epoch_s"] / x["epoch_s"] for x, y in zip(runs[a], runs[b]))
+
+    res["lenet_speedup"] = paired("gemm", "xla")
+    if FLAGS.torch:
+        res["lenet_vs_torch"] = paired("gemm", "torch")
     for name, n_steps in (("convnet", FLAGS.convnet_steps), ("resnet20", FLAGS.resnet_steps)):
         if not n_steps:
             continue
@@ -165,7 +260,7 @@ def main(argv: list[str]) -> None:
     for label, sps, ep, comp, frac, note in rows:
         ep_s = f"{ep:8.3f}" if ep is not None else f"{'':8s}"
         print(f"{label:16s} {sps:8.2f} {ep_s} {comp:9.2f} {frac:8.3f}  {note}")
-    for key in ("lenet_speedup", "convnet_speedup", "resnet20_speedup"):
+    for key in ("lenet_speedup", "lenet_vs_torch", "convnet_speedup", "resnet20_speedup"):
         if key in res:
             print(f"{key}: {res[key]:.2f}x")
     if FLAGS.json:
