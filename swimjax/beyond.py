@@ -17,7 +17,8 @@ test data with the same run keys (common random numbers). Writes, in
   0.05 with its standard error, the 1st percentile, the training cost relative
   to plain training.
 * ``accuracy_vs_nwc.png``: accuracy against NWC (log x; budget 0 drawn at
-  the left edge), one curve per combination (:func:`plot`).
+  the left edge), one curve per combination
+  (:func:`swimjax.report.plot_beyond`).
 
 Trainings (``training`` of a combination ``"<training>/<method>"``):
 
@@ -70,10 +71,10 @@ from absl import logging
 
 from swimjax import _validation as v
 from swimjax import (checkpoint, data as data_lib, mapping, models, montecarlo, perturbation,
-                     results, selection, sensitivity, sweep, training)
+                     report, results, selection, sensitivity, sweep, training)
 
-__all__ = ["BASE_TRAININGS", "BeyondConfig", "DEFAULT_COMBINATIONS", "KEY_FIELDS", "plot",
-           "run_beyond", "summary_markdown"]
+__all__ = ["BASE_TRAININGS", "BeyondConfig", "DEFAULT_COMBINATIONS", "KEY_FIELDS", "run_beyond",
+           "summary_markdown"]
 
 KEY_FIELDS = ("config_id", "training", "method", "budget")
 BASE_TRAININGS = ("plain", "gaussian", "rcg")
@@ -336,7 +337,7 @@ def run_beyond(config: BeyondConfig, out_dir: str) -> list[dict[str, Any]]:
     title = (f"{config.model} / {config.dataset_label}: sigma_d={config.sigma_d:g}, "
              f"sigma_wv={config.sigma_wv:g}, N={config.weight_bits}, m={config.device_bits}, "
              f"statistical write-verify, {config.mc_runs} MC runs")
-    plot(all_rows, os.path.join(out_dir, "accuracy_vs_nwc.png"), title)
+    report.plot_beyond(all_rows, os.path.join(out_dir, "accuracy_vs_nwc.png"), title)
     with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
         f.write(summary_markdown(all_rows, title))
     return all_rows
@@ -501,37 +502,6 @@ def summary_markdown(rows: list[dict[str, Any]], title: str) -> str:
                          f"{100 * r['acc_p1']:.2f} | {100 * r['acc_p5']:.2f} | "
                          f"{100 * r['clean_acc']:.2f} |")
     return "\n".join(lines) + "\n"
-
-
-def plot(rows: list[dict[str, Any]], path: str, title: str = "") -> None:
-    """Accuracy (mean with +-sem bars; 1st percentile dotted) against NWC, log
-    x, one curve per combination; budget 0 is drawn at a quarter of the
-    smallest positive NWC."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pos = [r["nwc"] for r in rows if r["nwc"] > 0]
-    floor = 0.25 * min(pos) if pos else 1e-3
-    fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=120)
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(f"{r['training']}/{r['method']}", []).append(r)
-    for i, (name, rs) in enumerate(sorted(groups.items())):
-        rs = sorted(rs, key=lambda r: r["nwc"])
-        x = np.array([max(r["nwc"], floor) for r in rs])
-        ax.errorbar(x, [100 * r["acc_mean"] for r in rs], yerr=[100 * r["acc_sem"] for r in rs],
-                    color=f"C{i}", marker="o", ms=3, label=name)
-        ax.plot(x, [100 * r["acc_p1"] for r in rs], color=f"C{i}", ls=":", lw=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("NWC (fraction of weights write-verified; 0 at the left edge)")
-    ax.set_ylabel("accuracy (%) (dotted: 1st percentile)")
-    ax.set_title(title, fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def identity_json(config: BeyondConfig) -> str:

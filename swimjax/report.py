@@ -1,8 +1,15 @@
-"""Sweep reports: accuracy-vs-NWC plot (as in SWIM's figures) and a Markdown summary.
+"""Reports of the experiments: plots and Markdown summaries.
 
-Both take the rows of a results file (see :mod:`swimjax.results`): dicts with at
-least ``method``, ``budget``, ``nwc``, ``acc_mean``, ``acc_std``, ``acc_sem``,
-``acc_p5`` and ``clean_acc``; accuracies are fractions in [0, 1].
+Every function takes the rows of a results file (see :mod:`swimjax.results`);
+accuracies are fractions in [0, 1]. The SWIM sweep
+(:func:`plot_accuracy_vs_nwc`, as in SWIM's figures, and
+:func:`summary_markdown`: rows with at least ``method``, ``budget``, ``nwc``,
+``acc_mean``, ``acc_std``, ``acc_sem``, ``acc_p5`` and ``clean_acc``), beyond
+SWIM (:func:`plot_beyond`), D-NAT (:func:`plot_dnat`,
+:func:`dnat_summary_markdown`, :func:`dnat_seeds_markdown`), drift and faults
+(:func:`plot_accuracy_vs_time`, :func:`plot_accuracy_vs_faults` and their
+summaries) and the worst case (:func:`plot_worstcase`,
+:func:`worstcase_summary_markdown`). Plots are written atomically.
 """
 
 from __future__ import annotations
@@ -138,12 +145,8 @@ def _dnat_label(r: Row) -> str:
 def plot_dnat(rows: Sequence[Row], path: str | os.PathLike, title: str = "") -> None:
     """Bars per trained model: ideal-macro accuracy and the mean (with its
     standard error) and 5th percentile under the error model."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = list(rows)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(rows) + 2), 4.5))
+    fig, ax = _figure((max(6.0, 1.2 * len(rows) + 2), 4.5))
     xs = np.arange(len(rows))
     ax.bar(xs - 0.2, [100 * r["clean_acc"] for r in rows], 0.4, label="ideal macro")
     ax.bar(xs + 0.2, [100 * r["acc_mean"] for r in rows], 0.4,
@@ -153,13 +156,30 @@ def plot_dnat(rows: Sequence[Row], path: str | os.PathLike, title: str = "") -> 
     if rows:
         ax.axhline(100 * rows[0]["float_acc"], color="gray", ls=":", label="floating point")
     ax.set_xticks(xs, [_dnat_label(r) for r in rows], rotation=20, ha="right")
-    ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, path, title, title_size=9, ylabel="test accuracy (%)", fontsize=8,
+            loc="lower right")
+
+
+def plot_beyond(rows: Sequence[Row], path: str | os.PathLike, title: str = "") -> None:
+    """Beyond SWIM: accuracy (mean with +-sem bars; 1st percentile dotted)
+    against NWC, log x, one curve per ``training/method`` combination; budget 0
+    is drawn at a quarter of the smallest positive NWC."""
+    pos = [r["nwc"] for r in rows if r["nwc"] > 0]
+    floor = 0.25 * min(pos) if pos else 1e-3
+    fig, ax = _figure((7.0, 4.6))
+    groups: dict[str, list[Row]] = {}
+    for r in rows:
+        groups.setdefault(f"{r['training']}/{r['method']}", []).append(r)
+    for i, (name, rs) in enumerate(sorted(groups.items())):
+        rs = sorted(rs, key=lambda r: r["nwc"])
+        x = np.array([max(r["nwc"], floor) for r in rs])
+        ax.errorbar(x, [100 * r["acc_mean"] for r in rs], yerr=[100 * r["acc_sem"] for r in rs],
+                    color=f"C{i}", marker="o", ms=3, label=name)
+        ax.plot(x, [100 * r["acc_p1"] for r in rs], color=f"C{i}", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("NWC (fraction of weights write-verified; 0 at the left edge)")
+    _finish(fig, ax, path, title, ylabel="accuracy (%) (dotted: 1st percentile)", fontsize=7)
 
 
 def dnat_summary_markdown(rows: Sequence[Row], title: str = "D-NAT") -> str:
@@ -275,9 +295,9 @@ def _save(fig: Any, path: str | os.PathLike) -> None:
 
 
 def _finish(fig: Any, ax: Any, path: str | os.PathLike, title: str, *, title_size: float = 8,
-            **legend: Any) -> None:
+            ylabel: str = "accuracy (%)", **legend: Any) -> None:
     """Accuracy axis label, grid, optional title and legend, then :func:`_save`."""
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title, fontsize=title_size)
