@@ -52,8 +52,9 @@ flags.DEFINE_list("trainings", list(_D.trainings), f"Any of {list(dnat.TRAININGS
 flags.DEFINE_list("gradients", list(_D.gradients), f"Any of {list(dnat.GRADIENTS)}.")
 flags.DEFINE_list("quantizers", list(_D.quantizers), f"DAC bounds, any of "
                   f"{list(quantizers.KINDS)}; the first is used by qat and anat.")
-flags.DEFINE_enum("start", _D.start, ["float", "qat"], "Where A-NAT and D-NAT fine-tuning "
-                  "starts: the floating-point model or the QAT model (needs qat in --trainings).")
+flags.DEFINE_enum("start", "auto", ["auto", "float", "qat"], "Where A-NAT and D-NAT "
+                  "fine-tuning starts: the floating-point model or the QAT model (needs qat in "
+                  "--trainings); auto: the QAT model when qat is trained, else the float one.")
 flags.DEFINE_float("calibration_percentile", _D.calibration_percentile, "Percentile of each "
                    "macro layer's inputs that sets its initial DAC bounds, in (0, 100].")
 flags.DEFINE_integer("epochs", _D.epochs, "Fine-tuning epochs (qat, anat, dnat).")

@@ -157,13 +157,15 @@ class MacroConfig:
 
 #: Macro presets. ``dnat``: the fabricated SRAM macro of D-NAT (64 rows per
 #: readout, 7-bit current-steering DACs, 1-bit weight cells, 7-bit ADCs;
-#: weight bits not published: 4, inferred). ``rram``: a generic RRAM crossbar
+#: weight bits not published: 4, inferred; the ADC's full scale not published:
+#: half the largest possible partial sum, which inputs and weights all at
+#: their maximum alone would exceed). ``rram``: a generic RRAM crossbar
 #: (128 rows, 2-bit cells, 8-bit weights, 8-bit DAC, 6-bit ADC over a
 #: calibrated quarter of the full range, as CrossSim/NeuroSim-style studies
 #: use). ``rram_bit_serial``: the same array fed bit-serially with 5-bit ADCs.
 PRESETS: dict[str, MacroConfig] = {
     "dnat": MacroConfig(rows=64, dac_bits=7, weight_bits=4, cell_bits=1, adc_bits=7,
-                        adc_range=1.0, name="dnat"),
+                        adc_range=0.5, name="dnat"),
     "rram": MacroConfig(rows=128, dac_bits=8, weight_bits=8, cell_bits=2, adc_bits=6,
                         adc_range=0.25, name="rram"),
     "rram_bit_serial": MacroConfig(rows=128, dac_bits=8, bit_serial=True, weight_bits=8,
