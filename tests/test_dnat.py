@@ -65,6 +65,15 @@ def test_config_dedups_and_resolves_the_macro():
     m = c.macro_config()
     assert (m.adc_range, m.weight_bits, m.cell_bits, m.rows) == (0.25, 1, 1, 64)
     assert dnat.DnatConfig(macro="rram").macro_config().adc_range == 0.25
+    assert dnat.DnatConfig().macro_config().adc_range == 0.5   # the dnat preset
+
+
+def test_fine_tuning_starts_from_qat_when_it_is_trained():
+    """``start="auto"`` resolves on construction: the QAT model when ``qat``
+    is among the trainings, else the float model; explicit values stay."""
+    assert dnat.DnatConfig().start == "qat"
+    assert dnat.DnatConfig(trainings=("float", "dnat")).start == "float"
+    assert dnat.DnatConfig(start="float").start == "float"
 
 
 def test_error_model_files_fail_with_named_errors(tmp_path):
