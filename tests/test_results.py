@@ -95,7 +95,7 @@ def _is_png(path) -> bool:
     return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 10_000
 
 
-def test_reliability_and_worstcase_plots_and_tables(tmp_path):
+def test_reliability_worstcase_beyond_and_dnat_plots_and_tables(tmp_path):
     base = dict(acc_std=0.01, acc_p1=0.85, acc_sem=0.001, acc_p5=0.86, mc_runs=10)
     drift = [dict(base, scheme=s, budget=0.1, t_seconds=t, compensated=c, acc_mean=a)
              for s in ("none", "swim", "full") for c in (False, True)
@@ -106,9 +106,15 @@ def test_reliability_and_worstcase_plots_and_tables(tmp_path):
                   mc_acc_mean=0.97 - e, mc_acc_sem=0.001, mc_acc_p1=0.96 - 2 * e,
                   mc_acc_min=0.95 - 3 * e, clean_acc=0.98)
              for m in ("none", "swim") for e in (0.0, 0.01, 0.03)]
+    beyond = [dict(base, training=t, method="swim", nwc=n, acc_mean=0.9 + n / 20)
+              for t in ("plain", "plain+sa") for n in (0.0, 0.02, 0.05, 1.0)]
+    dnat = [dict(base, training=t, gradient=g, quantizer="epact", clean_acc=0.95,
+                 acc_mean=0.5, float_acc=0.96) for t, g in (("qat", "-"), ("dnat", "ste"))]
     for plot, rows in [(report.plot_accuracy_vs_time, drift),
                        (report.plot_accuracy_vs_faults, faults),
-                       (report.plot_worstcase, worst)]:
+                       (report.plot_worstcase, worst),
+                       (report.plot_beyond, beyond),
+                       (report.plot_dnat, dnat)]:
         png = tmp_path / f"{plot.__name__}.png"
         plot(rows, png, title="test")
         assert _is_png(png), plot.__name__
