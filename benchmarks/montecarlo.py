@@ -90,6 +90,7 @@ flags.DEFINE_enum("matmul_precision", None, ["default", "high", "highest", "bflo
                   "jax_default_matmul_precision, set by this script only when given.")
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
 flags.DEFINE_integer("sweep_states", 4, "Masks in the states-sweep comparison (0: skip).")
+flags.DEFINE_integer("gemm_n", 2048, "Size of the reference square float32 GEMM.")
 flags.DEFINE_string("json", None, "Write the results as JSON to this path.")
 
 
@@ -106,6 +107,7 @@ def check_flags() -> None:
     _cli.int_flag("repeats", 1)
     _cli.int_flag("loop_runs", 0, n_runs)
     _cli.int_flag("sweep_states", 0)
+    _cli.int_flag("gemm_n", 1)
     _cli.seed_flag()
     _cli.check_output_file(FLAGS.json)
 
@@ -394,7 +396,7 @@ def main(argv: list[str]) -> None:
     sweep = states_sweep(k_mc, apply_fn, variables, cfg, x, y, n_runs, FLAGS.sweep_states)
 
     ms_per_run = 1e3 * noisy_s / n_runs
-    gemm_flops = gemm_rate(2048)
+    gemm_flops = gemm_rate(FLAGS.gemm_n)
     out = {
         "states_sweep": sweep,
         "large_gemm_gflops": gemm_flops / 1e9,
@@ -440,7 +442,7 @@ def main(argv: list[str]) -> None:
         ("GFLOP per run", f"{flops_run / 1e9:.4f}"),
         ("noisy MC: ms per run", f"{ms_per_run:.2f}"),
         ("noisy MC: GFLOP/s", f"{out['gflops']:.1f}"),
-        ("large GEMM (2048^3): GFLOP/s", f"{out['large_gemm_gflops']:.1f}"),
+        (f"large GEMM ({FLAGS.gemm_n}^3): GFLOP/s", f"{out['large_gemm_gflops']:.1f}"),
         ("large GEMM rate / noisy MC rate", f"{out['gemm_rate_over_mc_rate']:.2f}"),
         (f"noisy MC, {other} lowering: ms per run", f"{other_ms:.2f}"),
         (f"its {n_gemms} matrix products alone: ms per run",

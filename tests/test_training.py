@@ -15,6 +15,8 @@ from swimjax import training as T
 from swimjax.models import Model, get_model
 from swimjax.models.resnet import CifarResNet
 
+import _rand  # jax.random draws made flat: the same values, compiled fast
+
 
 @pytest.fixture(scope="module")
 def digits() -> D.Dataset:
@@ -40,7 +42,7 @@ def kernel_noise(sigma: float):
     def perturb_fn(key, variables, state=None):
         leaves, tree = jax.tree_util.tree_flatten(variables)
         keys = jax.random.split(key, len(leaves))
-        out = [w + sigma * jnp.max(jnp.abs(w)) * jax.random.normal(k, w.shape) if w.ndim >= 2
+        out = [w + sigma * jnp.max(jnp.abs(w)) * _rand.normal(k, w.shape) if w.ndim >= 2
                else w for k, w in zip(keys, leaves)]
         return jax.tree_util.tree_unflatten(tree, out)
     return perturb_fn
@@ -250,7 +252,7 @@ def test_epoch_scan_gives_the_per_step_loop_run(small_digits, monkeypatch):
     model = get_model("lenet")
     cfg = T.TrainConfig(epochs=2, batch_size=64)
     pert = lambda key, v, s: jax.tree.map(  # noqa: E731
-        lambda w: w + 0.01 * jax.random.normal(key, w.shape), v)
+        lambda w: w + 0.01 * _rand.normal(key, w.shape), v)
     runs = {}
     for limit in (T.DEVICE_DATA_BYTES, 0):
         monkeypatch.setattr(T, "DEVICE_DATA_BYTES", limit)
@@ -272,13 +274,14 @@ def test_every_zoo_model_trains_with_the_lowering(name):
     variables = model.init(jax.random.key(0))
     params = variables["params"]
     state = {k: val for k, val in variables.items() if k != "params"}
-    x = jax.random.normal(jax.random.key(1), (2, *model.input_shape))
+    x = _rand.normal(jax.random.key(1), (2, *model.input_shape))
     y = jnp.array([1, 2])
     cfg = T.default_config(name, conv_lowering="gemm")
     tx, step = T._make_train_step(model, cfg, 1, None, ("gemm", None))
     new_params, _, new_state, loss, _ = step(params, tx.init(params), state, x, y,
                                              jax.random.key(2), np.int32(0), None)
-    ref = T.cross_entropy(model.train_apply(variables, x)[0], y)
+    # jitted: one compile, not an op-by-op forward pass (seconds on the big models)
+    ref = T.cross_entropy(jax.jit(model.train_apply)(variables, x)[0], y)
     np.testing.assert_allclose(loss, ref, rtol=1e-4)
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(new_params))
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
@@ -359,7 +362,7 @@ def test_variation_noise_without_censoring_is_the_evaluation_perturbation():
     from swimjax import perturbation as P
     variables = _lenet_variables()
     cfg = P.VariationConfig(sigma_d=0.3, sigma_wv=0.03)
-    mask = jax.tree.map(lambda w: jax.random.bernoulli(jax.random.key(1), 0.3, w.shape),
+    mask = jax.tree.map(lambda w: _rand.bernoulli(jax.random.key(1), 0.3, w.shape),
                         variables)
     ours = T.variation_noise(cfg)
     ref = P.statistical(cfg)
@@ -377,7 +380,7 @@ def test_remaining_sigmas_are_the_ones_fine_tuning_draws_with():
     from swimjax import perturbation as P
     variables = _lenet_variables()
     cfg = P.VariationConfig(sigma_d=0.3, sigma_wv=0.03)
-    mask = jax.tree.map(lambda w: jax.random.bernoulli(jax.random.key(2), 0.05, w.shape),
+    mask = jax.tree.map(lambda w: _rand.bernoulli(jax.random.key(2), 0.05, w.shape),
                         variables)
     want = T.remaining_sigmas(variables, mask, cfg)
     su, sv = P.weight_sigmas(variables, cfg)
@@ -401,8 +404,8 @@ def test_training_receives_the_masked_noise_state_and_fine_tunes_from_given_weig
     start, _ = T.train(jax.random.key(0), model, small_digits, SMALL, progress=False)
     cfg = P.VariationConfig(sigma_d=0.3, sigma_wv=0.03)
     pert = T.variation_noise(cfg, tau=1.0)
-    mask = jax.tree.map(lambda w: np.asarray(jax.random.bernoulli(jax.random.key(4), 0.1,
-                                                                  w.shape)), start)
+    mask = jax.tree.map(lambda w: np.asarray(_rand.bernoulli(jax.random.key(4), 0.1,
+                                                            w.shape)), start)
     state = pert.init(start, mask)
     seen = []
 
