@@ -96,9 +96,9 @@ def test_ideal_periphery_is_the_quantized_model(problem, rows, bit_serial):
 
     def loss(f):
         return lambda pp, bb: jnp.sum(jnp.sin(3 * f(pp, bb)))
-    g = jax.grad(loss(lambda pp, bb: ma.fn(pp, bb, x)), argnums=(0, 1))(p, bounds)
-    gr = jax.grad(loss(lambda pp, bb: _quantized_reference(pp, x, bb, cfg, QC, ma.paths)),
-                  argnums=(0, 1))(p, bounds)
+    g = jax.jit(jax.grad(loss(lambda pp, bb: ma.fn(pp, bb, x)), argnums=(0, 1)))(p, bounds)
+    gr = jax.jit(jax.grad(loss(lambda pp, bb: _quantized_reference(pp, x, bb, cfg, QC, ma.paths)),
+                          argnums=(0, 1)))(p, bounds)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(gr)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert any(float(jnp.abs(b.hi)) > 0 for b in g[1].values())
