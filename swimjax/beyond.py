@@ -339,8 +339,24 @@ def run_beyond(config: BeyondConfig, out_dir: str) -> list[dict[str, Any]]:
              f"statistical write-verify, {config.mc_runs} MC runs")
     report.plot_beyond(all_rows, os.path.join(out_dir, "accuracy_vs_nwc.png"), title)
     with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(summary_markdown(all_rows, title))
+        f.write(summary_markdown(all_rows, title,
+                                 _full_write_verify_row(config, model, trained["plain"][0],
+                                                        data, res.rows)))
     return all_rows
+
+
+def _full_write_verify_row(config: BeyondConfig, model: models.Model, plain: Any,
+                           data: data_lib.Dataset, rows: list[dict[str, Any]]
+                           ) -> dict[str, Any] | None:
+    """The plainly trained model's full write-verify row of this configuration
+    in ``rows`` (any method: at budget 1 every mask is the same), also when
+    this run's combinations or budgets do not include it (e.g. a later run of
+    one more combination); None if there is none."""
+    prep = sweep.Prepared(model, plain, data, float("nan"), "", False)
+    cid = sweep.config_id(sweep.config_fields(config, prep, NON_IDENTITY_FIELDS))
+    full = [r for r in results.select_rows(rows, config_id=cid, training="plain")
+            if r["budget"] == 1.0]
+    return full[0] if full else None
 
 
 def _row(base_fields, budget, n_verified, n_mapped, mc, extra) -> dict[str, Any]:
@@ -444,13 +460,17 @@ def _at(rows, budget) -> dict[str, Any] | None:
     return None
 
 
-def summary_markdown(rows: list[dict[str, Any]], title: str) -> str:
+def summary_markdown(rows: list[dict[str, Any]], title: str,
+                     full_row: dict[str, Any] | None = None) -> str:
     """The target table: per combination, the gap to ``A_full`` at NWC 0.02 and
     0.05 with standard errors (``sqrt(sem^2 + sem_full^2)``: the points share
     their run keys and are positively correlated, so this overstates the
     error), the 1st percentile at 0.05 against ``P1_full - 1`` point, and the
-    training cost (steps and seconds) relative to plain training."""
-    full = [r for r in rows if r["training"] == "plain" and r["budget"] == 1.0]
+    training cost (steps and seconds) relative to plain training.
+    ``A_full``/``P1_full`` come from ``full_row`` when given, else from the
+    plain budget-1 row of ``rows``."""
+    full = [full_row] if full_row is not None else [
+        r for r in rows if r["training"] == "plain" and r["budget"] == 1.0]
     lines = [f"# {title}", ""]
     if not full:
         return "\n".join(lines + ["No plain/full write-verify row: A_full unknown.", ""])
