@@ -62,13 +62,14 @@ def test_write_verify_benchmark_runs(tmp_path):
 @pytest.mark.slow
 def test_training_benchmark_runs(tmp_path):
     res = _run("benchmarks.training", tmp_path, "--lenet_epochs=2", "--n_train=64",
-               "--batch_size=32", "--convnet_steps=0", "--resnet_steps=1", "--gemm_n=64")
-    for key in ("gemm_gflops", "lenet_speedup", "resnet20_speedup"):
+               "--batch_size=32", "--convnet_steps=1", "--resnet_steps=0", "--gemm_n=64")
+    # the ConvNet's steps (the ResNet-20's run the same code and compile 3x longer)
+    for key in ("gemm_gflops", "lenet_speedup", "convnet_speedup"):
         assert math.isfinite(res[key]) and res[key] > 0, key
     for key in ("lenet_gemm", "lenet_xla"):
         assert res[key]["epoch_s"] > 0 and 0 < res[key]["gemm_fraction"]
         assert 0 <= res[key]["test_acc"] <= 1
-    assert res["resnet20_gemm"]["flops_per_step"] > 0
+    assert res["convnet_gemm"]["flops_per_step"] > 0
 
 
 @pytest.mark.slow
