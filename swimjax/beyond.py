@@ -305,14 +305,18 @@ def run_beyond(config: BeyondConfig, out_dir: str) -> list[dict[str, Any]]:
     trained = {b: _train_base(config, b, model, data, out_dir) for b in bases}
     plain_steps = trained["plain"][1]["train_steps"]
     plain_seconds = trained["plain"][1]["train_seconds"]
+    # a row's identity: every number-changing setting and its base model's weights
+    idents = {b: sweep.config_fields(config, sweep.Prepared(model, variables, data,
+                                                            float("nan"), "", False),
+                                     NON_IDENTITY_FIELDS)
+              for b, (variables, _) in trained.items()}
+    cids = {b: sweep.config_id(ident) for b, ident in idents.items()}
     all_rows: list[dict[str, Any]] = []
     others_seen = False
     for train_name, method in combos:
         base = train_name.split("+")[0]
         variables, meta = trained[base]
-        prep = sweep.Prepared(model, variables, data, float("nan"), "", False)
-        ident = sweep.config_fields(config, prep, NON_IDENTITY_FIELDS)
-        cid = sweep.config_id(ident)
+        ident, cid = idents[base], cids[base]
         if not others_seen:
             n_other = sum(1 for r in res.rows if r.get("config_id") not in (None, cid)
                           and r.get("training") == train_name and r.get("method") == method)
@@ -346,24 +350,13 @@ def run_beyond(config: BeyondConfig, out_dir: str) -> list[dict[str, Any]]:
              f"statistical write-verify, {config.mc_runs} MC runs")
     report.plot_beyond(all_rows, os.path.join(out_dir, "accuracy_vs_nwc.png"), title)
     with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(summary_markdown(all_rows, title,
-                                 _full_write_verify_row(config, model, trained["plain"][0],
-                                                        data, res.rows)))
+        # A_full from the file: also when this run's combinations or budgets
+        # leave the plain model's full write-verify row out (any method: at
+        # budget 1 every mask is the same)
+        full = [r for r in results.select_rows(res.rows, config_id=cids["plain"],
+                                               training="plain") if r["budget"] == 1.0]
+        f.write(summary_markdown(all_rows, title, full[0] if full else None))
     return all_rows
-
-
-def _full_write_verify_row(config: BeyondConfig, model: models.Model, plain: Any,
-                           data: data_lib.Dataset, rows: list[dict[str, Any]]
-                           ) -> dict[str, Any] | None:
-    """The plainly trained model's full write-verify row of this configuration
-    in ``rows`` (any method: at budget 1 every mask is the same), also when
-    this run's combinations or budgets do not include it (e.g. a later run of
-    one more combination); None if there is none."""
-    prep = sweep.Prepared(model, plain, data, float("nan"), "", False)
-    cid = sweep.config_id(sweep.config_fields(config, prep, NON_IDENTITY_FIELDS))
-    full = [r for r in results.select_rows(rows, config_id=cid, training="plain")
-            if r["budget"] == 1.0]
-    return full[0] if full else None
 
 
 def _row(base_fields, budget, n_verified, n_mapped, mc, extra) -> dict[str, Any]:
