@@ -310,19 +310,25 @@ def check_output_file(path: str | None, flag: str = "json") -> None:
 
 
 def check_dataset(name: str, data_dir: str | None = None, *, n_train: int | None = None,
-                  n_test: int | None = None, flag: str = "dataset") -> tuple[int, int]:
+                  n_test: int | None = None, model: str | None = None,
+                  flag: str = "dataset") -> tuple[int, int]:
     """Checks that ``--flag=name`` can be loaded from ``--data_dir`` (known name,
     a ``.npz`` with the four arrays, a TFDS dataset prepared in ArrayRecord
-    format) and that ``--n_train`` / ``--n_test`` fit its splits, reading no
-    example and downloading nothing.
+    format), that ``--n_train`` / ``--n_test`` fit its splits and, given
+    ``model``, that ``--model`` can be built for its image shape (e.g. the
+    ConvNet's three poolings need H and W multiples of 8), reading no example
+    and downloading nothing.
 
     Returns:
       The (train, test) sizes of the full splits.
     """
-    from swimjax import data
+    from swimjax import data, models
 
     with user_errors(f"--{flag}={name!r}"):
         sizes = data.check_available(name, data_dir)
+    if model is not None:
+        with user_errors(f"--model={model!r} cannot run on --{flag}={name!r}"):
+            models.check_input_shape(model, data.image_shape(name, data_dir))
     for what, split, n, size in (("n_train", "training", n_train, sizes[0]),
                                  ("n_test", "test", n_test, sizes[1])):
         if n is not None:
@@ -370,8 +376,9 @@ def check_sweep_inputs(config: Any, out_dir: str) -> None:
     in this order:
 
     1. ``--out_dir`` exists writable or can be created (:func:`check_out_dir`);
-    2. ``--dataset`` is known and ready in ``--data_dir``, and ``--n_train`` /
-       ``--n_test`` fit it (:func:`check_dataset`);
+    2. ``--dataset`` is known and ready in ``--data_dir``, ``--n_train`` /
+       ``--n_test`` fit it and ``--model`` can be built for its images
+       (:func:`check_dataset`);
     3. the checkpoint the sweep would use (``--checkpoint``, else the default
        path inside ``--out_dir``), if it exists, is intact and saved for this
        ``--model``, dataset and training noise
@@ -383,7 +390,8 @@ def check_sweep_inputs(config: Any, out_dir: str) -> None:
     from swimjax import sweep
 
     check_out_dir(out_dir)
-    check_dataset(config.dataset, config.data_dir, n_train=config.n_train, n_test=config.n_test)
+    check_dataset(config.dataset, config.data_dir, n_train=config.n_train, n_test=config.n_test,
+                  model=config.model)
     path = config.checkpoint or sweep.default_checkpoint_path(config, out_dir)
     check_checkpoint(path, expect=sweep.checkpoint_expect(config))
 

