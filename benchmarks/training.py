@@ -22,6 +22,12 @@ r"""Benchmark: training speed with and without the convolution lowering.
   each epoch), but without a ``DataLoader``: batches are slices of
   pre-shuffled tensors, so its figure is, if anything, optimistic. Timed the
   same way (median epoch after the first).
+* Data parallelism: by default (``TrainConfig.data_parallel``) a step
+  splits its batch over this process's devices, which the binaries set to
+  one per core (:func:`experiments._cli.use_every_cpu_core`); with more than
+  one, the lowered LeNet is also timed on one device (``gemm (1 dev)``,
+  ``data_parallel=False``) and the ratio reported. ConvNet / ResNet-20 steps
+  run as ``train`` runs them (ResNet-20, batch norm: one device).
 * ``--repeats``: the LeNet runs are repeated, interleaved (gemm, xla, torch,
   gemm, ...); each figure is the median over repeats and each ratio the
   median of the per-repeat ratios, so a slow spell of a shared CPU does not
@@ -88,12 +94,13 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def _lenet(data, lowering: str, epochs: int, batch: int) -> dict:
+def _lenet(data, lowering: str, epochs: int, batch: int, data_parallel: bool = True) -> dict:
     import jax
 
     from swimjax import models, training
     model = models.get_model("lenet")
-    cfg = training.TrainConfig(epochs=epochs, batch_size=batch, conv_lowering=lowering)
+    cfg = training.TrainConfig(epochs=epochs, batch_size=batch, conv_lowering=lowering,
+                               data_parallel=data_parallel)
     _, hist = training.train(jax.random.key(FLAGS.seed), model, data, cfg, progress=False)
     secs = [h["seconds"] for h in hist]
     epoch = statistics.median(secs[1:]) if len(secs) > 1 else secs[0]
@@ -171,7 +178,10 @@ def _steps(name: str, lowering: str, n_steps: int, batch: int) -> dict:
     cfg = training.default_config(name, batch_size=batch, conv_lowering=lowering)
     tx, step = training._make_train_step(model, cfg, 1, None,
                                          training.resolve_conv_lowering(lowering))
-    opt = tx.init(params)
+    # where train() puts them (one compilation: the step returns them so)
+    shards = training.batch_shards(model, cfg)
+    params, state = training._replicated((params, state), shards)
+    opt = training._replicated(tx.init(params), shards)
     key = jax.random.key(2)
     t0 = time.perf_counter()
     out = step(params, opt, state, x, y, key, np.int32(0), None)
@@ -182,7 +192,7 @@ def _steps(name: str, lowering: str, n_steps: int, batch: int) -> dict:
         out = step(*out[:3], x, y, key, np.int32(i + 1), None)
     jax.block_until_ready(out)
     sec = (time.perf_counter() - t0) / n_steps
-    return {"step_s": sec, "steps_per_s": 1 / sec, "compile_s": compile_s,
+    return {"step_s": sec, "steps_per_s": 1 / sec, "compile_s": compile_s, "shards": shards,
             "flops_per_step": _step_flops(model.train_apply, variables, x)}
 
 
@@ -218,12 +228,23 @@ def main(argv: list[str]) -> None:
     x0 = np.asarray(data.x_train[:batch])
     lenet_flops = _step_flops(lenet.train_apply, lenet.init(jax.random.key(0)), x0)
     rows = []
-    variants = ("gemm", "xla", "torch") if FLAGS.torch else ("gemm", "xla")
+    shards = training.batch_shards(lenet, training.TrainConfig(batch_size=batch))
+    res["lenet_shards"] = shards
+    # "gemm1": the lowered run on one device (data_parallel=False), when the
+    # default splits the batch over several
+    variants = ("gemm",) + (("gemm1",) if shards > 1 else ()) + ("xla",) + (
+        ("torch",) if FLAGS.torch else ())
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     for _ in range(FLAGS.repeats):  # interleaved, so a slow spell of a shared CPU hits all
         for k in variants:
-            runs[k].append(_torch_lenet(data, FLAGS.lenet_epochs, batch) if k == "torch"
-                           else _lenet(data, k, FLAGS.lenet_epochs, batch))
+            if k == "torch":
+                runs[k].append(_torch_lenet(data, FLAGS.lenet_epochs, batch))
+            elif k == "gemm1":
+                runs[k].append(_lenet(data, "gemm", FLAGS.lenet_epochs, batch, False))
+            else:
+                runs[k].append(_lenet(data, k, FLAGS.lenet_epochs, batch))
+    labels = {"torch": "pytorch", "gemm": f"gemm ({shards} dev)" if shards > 1 else "gemm",
+              "gemm1": "gemm (1 dev)", "xla": "xla"}
     for k in variants:
         r = dict(runs[k][-1])
         for f in ("epoch_s", "total_s"):
@@ -233,7 +254,7 @@ def main(argv: list[str]) -> None:
         r["steps_per_s"] = (len(data.y_train) // batch) / r["epoch_s"]
         r["gemm_fraction"] = lenet_flops * r["steps_per_s"] / rate
         res[f"lenet_{k}"] = r
-        rows.append((f"lenet {'pytorch' if k == 'torch' else k}", r["steps_per_s"],
+        rows.append((f"lenet {labels[k]}", r["steps_per_s"],
                      r["epoch_s"], r["compile_s"], r["gemm_fraction"],
                      f"acc {r['test_acc']:.4f}"))
 
@@ -242,8 +263,12 @@ def main(argv: list[str]) -> None:
         return statistics.median(y["epoch_s"] / x["epoch_s"] for x, y in zip(runs[a], runs[b]))
 
     res["lenet_speedup"] = paired("gemm", "xla")
+    if "gemm1" in runs:
+        res["lenet_data_parallel_speedup"] = paired("gemm", "gemm1")
     if FLAGS.torch:
         res["lenet_vs_torch"] = paired("gemm", "torch")
+        if "gemm1" in runs:
+            res["lenet_1dev_vs_torch"] = paired("gemm1", "torch")
     for name, n_steps in (("convnet", FLAGS.convnet_steps), ("resnet20", FLAGS.resnet_steps)):
         if not n_steps:
             continue
@@ -256,11 +281,12 @@ def main(argv: list[str]) -> None:
         res[f"{name}_speedup"] = res[f"{name}_xla"]["step_s"] / res[f"{name}_gemm"]["step_s"]
     print(f"large GEMM: {rate / 1e9:.1f} GFLOP/s; auto on {res['backend']}: {res['auto']} "
           f"(K <= {res['auto_max_gemm_k']})")
-    print(f"{'':16s} {'steps/s':>8s} {'epoch s':>8s} {'compile s':>9s} {'of GEMM':>8s}")
+    print(f"{'':20s} {'steps/s':>8s} {'epoch s':>8s} {'compile s':>9s} {'of GEMM':>8s}")
     for label, sps, ep, comp, frac, note in rows:
         ep_s = f"{ep:8.3f}" if ep is not None else f"{'':8s}"
-        print(f"{label:16s} {sps:8.2f} {ep_s} {comp:9.2f} {frac:8.3f}  {note}")
-    for key in ("lenet_speedup", "lenet_vs_torch", "convnet_speedup", "resnet20_speedup"):
+        print(f"{label:20s} {sps:8.2f} {ep_s} {comp:9.2f} {frac:8.3f}  {note}")
+    for key in ("lenet_speedup", "lenet_data_parallel_speedup", "lenet_vs_torch",
+                "lenet_1dev_vs_torch", "convnet_speedup", "resnet20_speedup"):
         if key in res:
             print(f"{key}: {res[key]:.2f}x")
     if FLAGS.json:

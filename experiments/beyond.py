@@ -45,6 +45,9 @@ flags.DEFINE_integer("finetune_epochs", _D.finetune_epochs,
 flags.DEFINE_float("finetune_lr", _D.finetune_lr, "(Peak) learning rate of the fine-tuning.")
 flags.DEFINE_enum("finetune_schedule", _D.finetune_schedule, ["constant", "cosine"],
                   "Learning-rate schedule of each fine-tuning round.")
+flags.DEFINE_enum("finetune_batch_norm", _D.finetune_batch_norm, list(beyond.FINETUNE_BATCH_NORM),
+                  "Batch norm in the fine-tuning: batch statistics, or the base model's "
+                  "running statistics kept fixed (as deployed).")
 flags.DEFINE_integer("rounds", _D.rounds, "Selection-aware rounds (score, select, fine-tune).")
 flags.DEFINE_integer("n_train", None, "Training images (default: all).")
 flags.DEFINE_integer("n_test", None, "Test images (default: all).")
@@ -64,7 +67,8 @@ def config_from_flags() -> beyond.BeyondConfig:
         train_sigma=FLAGS.train_sigma, rcg_tau=FLAGS.rcg_tau,
         finetune_epochs=FLAGS.finetune_epochs, finetune_lr=FLAGS.finetune_lr,
         finetune_schedule=FLAGS.finetune_schedule,
-        rounds=FLAGS.rounds, n_train=FLAGS.n_train, n_test=FLAGS.n_test, n_score=FLAGS.n_score,
+        rounds=FLAGS.rounds, finetune_batch_norm=FLAGS.finetune_batch_norm,
+        n_train=FLAGS.n_train, n_test=FLAGS.n_test, n_score=FLAGS.n_score,
         chunk_size=FLAGS.chunk_size, progress=FLAGS.progress)
 
 

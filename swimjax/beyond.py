@@ -91,6 +91,7 @@ DEFAULT_BUDGETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
 #: module doc).
 DEFAULT_COMBINATIONS = ("plain/swim", "plain/ggn_sampled", "gaussian/ggn_sampled",
                         "plain+sa/ggn_sampled")
+FINETUNE_BATCH_NORM = ("batch", "frozen")
 #: Settings that do not change a row's numbers (the points themselves, chunking).
 NON_IDENTITY_FIELDS = ("combinations", "budgets", "chunk_size", "progress")
 #: The target's budgets and tolerances: (budget, mean tolerance, p1 tolerance or None).
@@ -128,6 +129,11 @@ class BeyondConfig:
       finetune_schedule: ``"constant"`` or ``"cosine"`` (decay to 0 over each
         round's steps).
       rounds: selection-aware rounds (score, select, fine-tune), >= 1.
+      finetune_batch_norm: ``"batch"`` (batch norm trains as in the base
+        training) or ``"frozen"`` (normalizes with the base model's running
+        statistics, kept fixed, as the deployed network does:
+        :attr:`swimjax.training.TrainConfig.frozen_batch_norm`). No effect
+        on models without batch norm.
     """
 
     model: str = "lenet"
@@ -148,6 +154,7 @@ class BeyondConfig:
     finetune_lr: float = 1e-3
     finetune_schedule: str = "constant"
     rounds: int = 2
+    finetune_batch_norm: str = "batch"
     n_train: int | None = None
     n_test: int | None = None
     n_score: int | None = None
@@ -183,6 +190,7 @@ class BeyondConfig:
         v.check_positive("finetune_lr", self.finetune_lr)
         v.check_choice("finetune_schedule", self.finetune_schedule, training.SCHEDULES)
         v.check_int("rounds", self.rounds, 1, None)
+        v.check_choice("finetune_batch_norm", self.finetune_batch_norm, FINETUNE_BATCH_NORM)
 
     @property
     def dataset_label(self) -> str:
@@ -260,9 +268,11 @@ def base_label(config: BeyondConfig, name: str) -> str:
 
 def finetune_label(config: BeyondConfig) -> str:
     """The checkpoint-name part of the selection-aware fine-tuning settings
-    (``ft<epochs>-lr<lr>-<schedule>``): fine-tuned models of other settings
-    are never loaded in their place."""
-    return f"ft{config.finetune_epochs}-lr{config.finetune_lr:g}-{config.finetune_schedule}"
+    (``ft<epochs>-lr<lr>-<schedule>[-bnfrozen]``): fine-tuned models of
+    other settings are never loaded in their place."""
+    frozen = "-bnfrozen" if config.finetune_batch_norm == "frozen" else ""
+    return (f"ft{config.finetune_epochs}-lr{config.finetune_lr:g}-{config.finetune_schedule}"
+            f"{frozen}")
 
 
 def _score(method: str, config: BeyondConfig, apply_fn, params, batches) -> Any:
@@ -405,6 +415,7 @@ def _run_selection_aware(config, model, data, variables, method, todo, res, base
     tcfg = dataclasses.replace(base_cfg, epochs=config.finetune_epochs,
                                learning_rate=config.finetune_lr,
                                schedule=config.finetune_schedule,
+                               frozen_batch_norm=config.finetune_batch_norm == "frozen",
                                batch_size=min(base_cfg.batch_size, len(data.y_train)))
     noise = training.variation_noise(vcfg)
     ft_steps = tcfg.epochs * (len(data.y_train) // tcfg.batch_size)

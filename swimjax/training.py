@@ -60,6 +60,16 @@ the ConvNet, K = 27 to 2304, 1.9x; ResNet-20, strided convolutions and batch
 norm, 0.98x, and 0.9x with only its first convolution lowered); on
 accelerators, ``"xla"`` (not measured there). Per-epoch test evaluation uses
 the same choice.
+
+Devices (``TrainConfig.data_parallel``, default on): with several devices in
+the process (the binaries make one XLA CPU device per core) a step splits its
+batch over them (:func:`batch_shards`; ``shard_map``, gradients averaged) for
+models without batch norm or per-step forward noise. XLA CPU runs each fused
+elementwise / pooling / copy operation on one thread of its device, so one
+device leaves the other cores idle for the memory-bound half of a LeNet step;
+split, every core runs its share. Results equal one device's up to float
+rounding and are reproducible for a given device count (``data_parallel=False``
+for numbers that do not depend on it).
 """
 
 from __future__ import annotations
@@ -113,6 +123,18 @@ class TrainConfig:
         matrix product, pooling as strided slices) or ``"xla"`` (XLA's
         convolution); see the module docstring. Changes speed only (float
         rounding aside).
+      data_parallel: split every batch over this process's devices (see
+        :func:`batch_shards`; one device: no change). Changes speed only:
+        the result equals one device's up to float rounding (the batch's
+        gradient is summed in shards), and is reproducible for a given
+        device count; ``False`` makes it independent of the device count.
+      frozen_batch_norm: batch norm normalizes with its running statistics,
+        which stay as they are (the network trains in inference mode; its
+        scale and bias still learn). For fine-tuning a trained network under
+        weight noise: with batch statistics every batch is re-normalized
+        around the noisy weights' activations, hiding the shifts that the
+        deployed network, which normalizes with fixed statistics, meets.
+        No effect on models without batch norm.
     """
 
     optimizer: str = "adam"
@@ -124,6 +146,8 @@ class TrainConfig:
     batch_size: int = 64
     eval_batch_size: int = 1000
     conv_lowering: str = "auto"
+    data_parallel: bool = True
+    frozen_batch_norm: bool = False
 
     def __post_init__(self) -> None:
         v.check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -135,6 +159,9 @@ class TrainConfig:
         v.check_int("batch_size", self.batch_size, 1, None)
         v.check_int("eval_batch_size", self.eval_batch_size, 1, None)
         v.check_choice("conv_lowering", self.conv_lowering, CONV_LOWERINGS)
+        for name in ("data_parallel", "frozen_batch_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def make_optimizer(self, total_steps: int) -> optax.GradientTransformation:
         """The optax transformation for ``total_steps`` updates."""
@@ -408,6 +435,78 @@ def remaining_sigmas(params: Any, mask: Any, cfg: VariationConfig,
     return jax.tree.map(lambda a, b, m: jnp.where(jnp.asarray(m, bool), b, a), su, sv, mask)
 
 
+def batch_shards(model: Model, config: TrainConfig) -> int:
+    """How many of this process's devices a training step splits its batch
+    over: the most devices (at most ``jax.local_device_count()``) that divide
+    ``config.batch_size``, or 1 when ``config.data_parallel`` is off or the
+    model normalizes over the batch (batch norm, unless
+    ``config.frozen_batch_norm``: its statistics would become per-shard; also
+    a model that does not say, e.g. :class:`swimjax.dnat.MacroModel`) or
+    draws forward noise per step (a stochastic model: its noise would repeat
+    in every shard).
+
+    Each shard runs on its own device (the binaries make one XLA CPU device
+    per core; ``XLA_FLAGS=--xla_force_host_platform_device_count=N``), so the
+    memory-bound parts of the step (patches, pooling, elementwise), which XLA
+    CPU runs on one thread per device, use every core; the shards' gradients
+    are averaged (an all-reduce of the parameters' size)."""
+    batch_stats = getattr(model, "has_batch_norm", True) and not config.frozen_batch_norm
+    if not config.data_parallel or batch_stats or getattr(model, "stochastic", False):
+        return 1  # (a model that does not say whether it has batch norm: as if it had)
+    n = jax.local_device_count()
+    return max(d for d in range(1, n + 1) if config.batch_size % d == 0)
+
+
+@functools.lru_cache(maxsize=32)
+def _frozen_bn_apply(model: Model) -> Callable[[Variables, jax.Array], tuple[jax.Array, Variables]]:
+    """``model.train_apply``'s signature in inference mode: batch norm on its
+    running statistics, which it returns unchanged (cached: one function per
+    model, so the compiled steps are shared)."""
+    def apply(variables: Variables, x: jax.Array) -> tuple[jax.Array, Variables]:
+        return model.apply_fn(variables, x), {}
+    return apply
+
+
+@functools.lru_cache(maxsize=8)
+def _batch_mesh(shards: int) -> Any:
+    """The mesh of the first ``shards`` local devices, axis ``"batch"``."""
+    from jax.sharding import Mesh
+
+    return Mesh(np.array(jax.local_devices()[:shards]), ("batch",))
+
+
+def _replicated(tree: Any, shards: int) -> Any:
+    """``tree`` on every device of :func:`_batch_mesh` (what the sharded
+    step returns its parameters as: placing them so from the start keeps the
+    first epoch's compilation the only one)."""
+    if shards == 1:
+        return tree
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    return jax.device_put(tree, NamedSharding(_batch_mesh(shards), P()))
+
+
+def _sharded_over_batch(grad_fn: Callable[..., Any], shards: int) -> Callable[..., Any]:
+    """``grad_fn(params, state, x, y, key, noise_state) -> ((loss, (logits,
+    new_state)), grads)`` with ``x``/``y`` split over ``shards`` local devices
+    along the batch: loss and gradients averaged over the shards (equal
+    shares, so the batch mean), logits concatenated; ``new_state`` must not
+    depend on the batch (:func:`batch_shards` excludes batch norm)."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = _batch_mesh(shards)
+
+    def shard(params, state, x, y, key, noise_state):
+        (loss, (logits, new_state)), grads = grad_fn(params, state, x, y, key, noise_state)
+        loss, grads = jax.lax.pmean((loss, grads), "batch")
+        return (loss, (logits, new_state)), grads
+
+    # check_vma off: the lowered forward binds primitives itself, outside
+    # shard_map's varying-axes bookkeeping
+    return jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch"), P(), P()),
+                         out_specs=((P(), (P("batch"), P())), P()), check_vma=False)
+
+
 @functools.lru_cache(maxsize=32)
 def _make_train_step(model: Model, config: TrainConfig, total_steps: int,
                      perturb_fn: Optional[PerturbFn], lowering: tuple[str, int | None]
@@ -419,7 +518,9 @@ def _make_train_step(model: Model, config: TrainConfig, total_steps: int,
     ``noise_state`` the perturbation's data. Cached, so repeated ``train``
     calls with the same model/config/perturb_fn compile once."""
     tx = config.make_optimizer(total_steps)
-    train_apply = lowered_fn(model.train_apply, *lowering)
+    train_apply = lowered_fn(_frozen_bn_apply(model) if config.frozen_batch_norm
+                             and getattr(model, "has_batch_norm", False) else model.train_apply,
+                             *lowering)
 
     def loss_fn(params: Any, state: Variables, x: jax.Array, y: jax.Array, key: jax.Array,
                 noise_state: Any) -> tuple[jax.Array, tuple[jax.Array, Variables]]:
@@ -433,13 +534,17 @@ def _make_train_step(model: Model, config: TrainConfig, total_steps: int,
             logits, new_state = train_apply({"params": params, **state}, x)
         return cross_entropy(logits, y), (logits, new_state)
 
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    shards = batch_shards(model, config)
+    if shards > 1:
+        grad_fn = _sharded_over_batch(grad_fn, shards)
+
     @jax.jit
     def step(params: Any, opt_state: Any, state: Variables, x: jax.Array, y: jax.Array,
              noise_key: jax.Array, step_index: jax.Array, noise_state: Any = None
              ) -> tuple[Any, Any, Variables, jax.Array, jax.Array]:
         key = jax.random.fold_in(noise_key, step_index)
-        (loss, (logits, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, state, x, y, key, noise_state)
+        (loss, (logits, new_state)), grads = grad_fn(params, state, x, y, key, noise_state)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         acc = jnp.mean(jnp.argmax(logits, -1) == y)
@@ -564,7 +669,9 @@ def train(key: jax.Array, model: Model, data: Dataset, config: TrainConfig = Tra
     lowering = resolve_conv_lowering(config.conv_lowering)
     tx, step = _make_train_step(model, config, total_steps, perturb_fn, lowering)
     apply_fn = lowered_fn(model.apply_fn, *lowering)
-    opt_state = tx.init(params)
+    shards = batch_shards(model, config)
+    params, state = _replicated((params, state), shards)
+    opt_state = _replicated(tx.init(params), shards)
 
     on_device = (np.asarray(data.x_train).nbytes + np.asarray(data.y_train).nbytes
                  <= DEVICE_DATA_BYTES) and _scan_pays(step, (
@@ -573,7 +680,8 @@ def train(key: jax.Array, model: Model, data: Dataset, config: TrainConfig = Tra
     if on_device:
         run_epoch = _make_train_epoch(model, config, total_steps, perturb_fn, lowering,
                                       steps_per_epoch)
-        x_dev, y_dev = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+        x_dev, y_dev = _replicated((jnp.asarray(data.x_train), jnp.asarray(data.y_train)),
+                                   shards)
 
     history: list[dict[str, float]] = []
     bar = tqdm(total=steps_per_epoch * config.epochs, disable=not progress,

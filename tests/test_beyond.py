@@ -31,6 +31,8 @@ def test_config_validation():
     assert beyond.parse_combination("rcg+sa/ggn") == ("rcg+sa", "ggn")
     with pytest.raises(ValueError, match="finetune_schedule must be one of"):
         beyond.BeyondConfig(finetune_schedule="linear")
+    with pytest.raises(ValueError, match="finetune_batch_norm must be one of"):
+        beyond.BeyondConfig(finetune_batch_norm="running")
 
 
 def test_checkpoint_labels_name_every_training_setting():
@@ -45,8 +47,9 @@ def test_checkpoint_labels_name_every_training_setting():
     assert beyond.base_label(c2, "gaussian") == "gaussian-s0.1"
     assert beyond.base_label(c2, "rcg") == "rcg-s0.1-t0.5"
     labels = {beyond.finetune_label(beyond.BeyondConfig(**kw)) for kw in (
-        {}, dict(finetune_epochs=3), dict(finetune_lr=3e-3), dict(finetune_schedule="cosine"))}
-    assert len(labels) == 4
+        {}, dict(finetune_epochs=3), dict(finetune_lr=3e-3), dict(finetune_schedule="cosine"),
+        dict(finetune_batch_norm="frozen"))}
+    assert len(labels) == 5
 
 
 def _row(training, method, budget, mean, sem, p1, cost=1.0):

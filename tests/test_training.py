@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -186,6 +190,30 @@ def test_batchnorm_model_trains_with_sgd_and_updates_running_stats():
     assert history[-1]["test_acc"] > 0.8
 
 
+def test_frozen_batch_norm_trains_in_inference_mode():
+    """frozen_batch_norm: the running statistics stay as they were, the
+    loss is the inference-mode network's, scale/bias and kernels still learn."""
+    build = lambda fold: CifarResNet(stage_features=(4, 8), blocks_per_stage=1,  # noqa: E731
+                                     stem_features=4, num_classes=2, fold=fold)
+    model = Model("small_resnet_frozen", 2, (8, 8, 3), build(False), build(True), True)
+    data = _tiny_images(64, 32)
+    start, _ = T.train(jax.random.key(0), model, data,
+                       T.default_config("resnet20", epochs=1, batch_size=16), progress=False)
+    cfg = T.default_config("resnet20", epochs=1, batch_size=16, learning_rate=0.01,
+                           frozen_batch_norm=True)
+    tuned, hist = T.train(jax.random.key(1), model, data, cfg, progress=False,
+                          init_variables=start)
+    assert _leaves_equal(tuned["batch_stats"], start["batch_stats"])
+    assert not _leaves_equal(tuned["params"], start["params"])
+    params, state = start["params"], {"batch_stats": start["batch_stats"]}
+    tx, step = T._make_train_step(model, cfg, 1, None, T.resolve_conv_lowering("auto"))
+    x, y = data.x_train[:16], data.y_train[:16]
+    loss = step(params, tx.init(params), state, x, y, jax.random.key(2), np.int32(0), None)[3]
+    np.testing.assert_allclose(loss, T.cross_entropy(model.apply_fn(start, x), y), rtol=1e-5)
+    with pytest.raises(ValueError, match="frozen_batch_norm must be True or False"):
+        T.TrainConfig(frozen_batch_norm="yes")
+
+
 def test_incompatible_data_is_rejected(small_digits):
     with pytest.raises(ValueError, match="expects"):
         T.train(jax.random.key(0), get_model("convnet"), small_digits, SMALL, progress=False)
@@ -263,6 +291,72 @@ def test_epoch_scan_gives_the_per_step_loop_run(small_digits, monkeypatch):
         for k in ("train_loss", "train_acc", "test_acc"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+
+
+def test_batch_shards_split_over_the_devices_that_divide_the_batch(monkeypatch):
+    lenet, resnet = get_model("lenet"), get_model("resnet20")
+    monkeypatch.setattr(jax, "local_device_count", lambda: 8)
+    assert T.batch_shards(lenet, T.TrainConfig(batch_size=128)) == 8
+    assert T.batch_shards(lenet, T.TrainConfig(batch_size=100)) == 5  # 8, 7, 6 do not divide
+    assert T.batch_shards(lenet, T.TrainConfig(batch_size=7)) == 7
+    assert T.batch_shards(lenet, T.TrainConfig(batch_size=128, data_parallel=False)) == 1
+    assert T.batch_shards(resnet, T.TrainConfig(batch_size=128)) == 1  # batch norm
+    stochastic = type("M", (), {"has_batch_norm": False, "stochastic": True})()
+    assert T.batch_shards(stochastic, T.TrainConfig(batch_size=128)) == 1
+    assert T.batch_shards(object(), T.TrainConfig(batch_size=128)) == 1  # does not say
+    with pytest.raises(ValueError, match="data_parallel must be True or False"):
+        T.TrainConfig(data_parallel=2)
+
+
+_DATA_PARALLEL_SCRIPT = """
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, {tests_dir!r})
+from swimjax import data as D, training as T
+from swimjax.models import get_model
+import _rand
+digits = D.load(n_train=512, n_test=200)
+model = get_model("lenet")
+pert = lambda key, v, s: jax.tree.map(lambda w: w + 0.01 * _rand.normal(key, w.shape), v)
+out = {{"devices": jax.local_device_count()}}
+for name, dp, limit in (("one", False, T.DEVICE_DATA_BYTES), ("dp", True, T.DEVICE_DATA_BYTES),
+                        ("dp_again", True, T.DEVICE_DATA_BYTES), ("dp_steps", True, 0)):
+    T.DEVICE_DATA_BYTES = limit
+    cfg = T.TrainConfig(epochs=2, batch_size=64, data_parallel=dp)
+    variables, hist = T.train(jax.random.key(0), model, digits, cfg, perturbation=pert,
+                              progress=False)
+    out[name] = dict(shards=T.batch_shards(model, cfg), hist=hist,
+                     weights=[np.asarray(w).ravel().tolist() for w in jax.tree.leaves(variables)])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_data_parallel_training_equals_one_device_up_to_rounding():
+    """With 2 devices the batch is split over both (noise-injection on: every
+    shard sees the same perturbed weights): the loss curve and weights of one
+    device up to float rounding, the same numbers on a rerun, and the same
+    run when the steps are fed from the host."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    script = _DATA_PARALLEL_SCRIPT.format(tests_dir=os.path.dirname(__file__))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 2
+    one, dp = out["one"], out["dp"]
+    assert (one["shards"], dp["shards"], out["dp_steps"]["shards"]) == (1, 2, 2)
+    for other in (dp, out["dp_steps"]):
+        for ra, rb in zip(one["hist"], other["hist"]):
+            assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-4)
+            assert ra["train_acc"] == pytest.approx(rb["train_acc"], abs=1 / 256)
+            assert ra["test_acc"] == pytest.approx(rb["test_acc"], abs=2 / 200)
+        for a, b in zip(one["weights"], other["weights"]):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    assert out["dp_again"]["weights"] == dp["weights"]
+    assert [r["train_loss"] for r in out["dp_again"]["hist"]] == \
+        [r["train_loss"] for r in dp["hist"]]
 
 
 @pytest.mark.parametrize("name", ["lenet", "convnet", "resnet20", "vgg8",
