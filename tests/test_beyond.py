@@ -31,6 +31,12 @@ def test_config_validation():
     assert beyond.parse_combination("rcg+sa/ggn") == ("rcg+sa", "ggn")
     with pytest.raises(ValueError, match="finetune_schedule must be one of"):
         beyond.BeyondConfig(finetune_schedule="linear")
+    # the fine-tuning rate suits the model's optimizer unless given
+    assert beyond.BeyondConfig().finetune_lr == 1e-3  # LeNet: Adam
+    assert beyond.BeyondConfig(model="resnet20").finetune_lr == 0.02  # SGD
+    assert beyond.BeyondConfig(model="resnet20", finetune_lr=0.05).finetune_lr == 0.05
+    with pytest.raises(ValueError, match="finetune_lr"):
+        beyond.BeyondConfig(finetune_lr=0.0)
     with pytest.raises(ValueError, match="finetune_batch_norm must be one of"):
         beyond.BeyondConfig(finetune_batch_norm="running")
 
