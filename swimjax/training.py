@@ -717,6 +717,12 @@ def train(key: jax.Array, model: Model, data: Dataset, config: TrainConfig = Tra
                   "train_acc": float(jnp.mean(accs)),
                   "test_acc": test_acc,
                   "seconds": time.perf_counter() - t0}
+        if not math.isfinite(record["train_loss"]):
+            bar.close()
+            raise ValueError(
+                f"training diverged in epoch {epoch + 1}: the mean training loss is "
+                f"{record['train_loss']} (the weights are no longer finite); lower "
+                f"learning_rate (now {config.learning_rate:g}) or check the data")
         history.append(record)
         bar.set_postfix(loss=f"{record['train_loss']:.4f}", test_acc=f"{test_acc:.4f}")
     bar.close()

@@ -214,6 +214,15 @@ def test_frozen_batch_norm_trains_in_inference_mode():
         T.TrainConfig(frozen_batch_norm="yes")
 
 
+def test_diverging_training_stops_with_a_clear_error(small_digits):
+    """A rate that blows the weights up ends the run with an error naming
+    the epoch and the learning rate, not with non-finite weights returned."""
+    cfg = T.TrainConfig(optimizer="sgd", learning_rate=1e12, epochs=2, batch_size=128)
+    with pytest.raises(ValueError,
+                       match=r"diverged in epoch 1.*lower learning_rate \(now 1e\+12\)"):
+        T.train(jax.random.key(0), get_model("lenet"), small_digits, cfg, progress=False)
+
+
 def test_incompatible_data_is_rejected(small_digits):
     with pytest.raises(ValueError, match="expects"):
         T.train(jax.random.key(0), get_model("convnet"), small_digits, SMALL, progress=False)
