@@ -43,7 +43,7 @@ flags.DEFINE_float("rcg_tau", _D.rcg_tau, "Right-censoring point of rcg training
 flags.DEFINE_integer("finetune_epochs", _D.finetune_epochs,
                      "Epochs per round of selection-aware fine-tuning.")
 flags.DEFINE_float("finetune_lr", None, "(Peak) learning rate of the fine-tuning (default: "
-                   "1e-3 for Adam-trained models, 0.02 for SGD-trained ones).")
+                   "1e-3 for Adam-trained models, 2e-3 for SGD-trained ones).")
 flags.DEFINE_enum("finetune_schedule", _D.finetune_schedule, ["constant", "cosine"],
                   "Learning-rate schedule of each fine-tuning round.")
 flags.DEFINE_enum("finetune_batch_norm", _D.finetune_batch_norm, list(beyond.FINETUNE_BATCH_NORM),

@@ -33,7 +33,7 @@ def test_config_validation():
         beyond.BeyondConfig(finetune_schedule="linear")
     # the fine-tuning rate suits the model's optimizer unless given
     assert beyond.BeyondConfig().finetune_lr == 1e-3  # LeNet: Adam
-    assert beyond.BeyondConfig(model="resnet20").finetune_lr == 0.02  # SGD
+    assert beyond.BeyondConfig(model="resnet20").finetune_lr == 2e-3  # SGD
     assert beyond.BeyondConfig(model="resnet20", finetune_lr=0.05).finetune_lr == 0.05
     with pytest.raises(ValueError, match="finetune_lr"):
         beyond.BeyondConfig(finetune_lr=0.0)
@@ -54,7 +54,7 @@ def test_checkpoint_labels_name_every_training_setting():
     assert beyond.base_label(c2, "rcg") == "rcg-s0.1-t0.5"
     labels = {beyond.finetune_label(beyond.BeyondConfig(**kw)) for kw in (
         {}, dict(finetune_epochs=3), dict(finetune_lr=3e-3), dict(finetune_schedule="cosine"),
-        dict(finetune_batch_norm="frozen"))}
+        dict(finetune_batch_norm="batch"))}
     assert len(labels) == 5
 
 
