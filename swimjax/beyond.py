@@ -63,7 +63,9 @@ default) and SGD at 2e-3: -1.28 (se 0.06) at 0.02 and -1.61 (0.07) at 0.05,
 training batch around the noisy weights' activations, so the network never
 sees the shifts that fixed statistics let through at deployment; frozen,
 it learns to absorb them. Close to, not at, the target; LeNet has no batch
-norm, so its figures above do not change.
+norm, so its figures above do not change. The same defaults at sigma_d 0.3:
+93.41 % at NWC 0.05 (-5.21, 1st percentile 86.2 %), against 88.2 % with
+batch statistics and 68.4 % for SWIM.
 
 Methods: any :func:`swimjax.sensitivity.available_methods` curvature
 (``swim``, ``ggn``, ``ggn_sampled`` ...), ranked by ``h_ii (sigma_u^2 -
