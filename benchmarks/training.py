@@ -178,10 +178,9 @@ def _steps(name: str, lowering: str, n_steps: int, batch: int) -> dict:
     cfg = training.default_config(name, batch_size=batch, conv_lowering=lowering)
     tx, step = training._make_train_step(model, cfg, 1, None,
                                          training.resolve_conv_lowering(lowering))
-    # where train() puts them (one compilation: the step returns them so)
+    # placed as train() places them (one compilation: the step returns them so)
     shards = training.batch_shards(model, cfg)
-    params, state = training._replicated((params, state), shards)
-    opt = training._replicated(tx.init(params), shards)
+    params, opt, state = training._step_inputs(tx, params, state, shards)
     key = jax.random.key(2)
     t0 = time.perf_counter()
     out = step(params, opt, state, x, y, key, np.int32(0), None)

@@ -486,6 +486,15 @@ def _replicated(tree: Any, shards: int) -> Any:
     return jax.device_put(tree, NamedSharding(_batch_mesh(shards), P()))
 
 
+def _step_inputs(tx: optax.GradientTransformation, params: Any, state: Variables,
+                 shards: int) -> tuple[Any, Any, Variables]:
+    """``(params, opt_state, state)`` for the first call of the step that
+    :func:`_make_train_step` built for ``shards`` (:func:`batch_shards`),
+    placed as the step returns them (:func:`_replicated`)."""
+    params, state = _replicated((params, state), shards)
+    return params, _replicated(tx.init(params), shards), state
+
+
 def _sharded_over_batch(grad_fn: Callable[..., Any], shards: int) -> Callable[..., Any]:
     """``grad_fn(params, state, x, y, key, noise_state) -> ((loss, (logits,
     new_state)), grads)`` with ``x``/``y`` split over ``shards`` local devices
@@ -670,8 +679,7 @@ def train(key: jax.Array, model: Model, data: Dataset, config: TrainConfig = Tra
     tx, step = _make_train_step(model, config, total_steps, perturb_fn, lowering)
     apply_fn = lowered_fn(model.apply_fn, *lowering)
     shards = batch_shards(model, config)
-    params, state = _replicated((params, state), shards)
-    opt_state = _replicated(tx.init(params), shards)
+    params, opt_state, state = _step_inputs(tx, params, state, shards)
 
     on_device = (np.asarray(data.x_train).nbytes + np.asarray(data.y_train).nbytes
                  <= DEVICE_DATA_BYTES) and _scan_pays(step, (
