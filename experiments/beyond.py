@@ -50,6 +50,8 @@ flags.DEFINE_enum("finetune_batch_norm", _D.finetune_batch_norm, list(beyond.FIN
                   "Batch norm in the fine-tuning: batch statistics, or the base model's "
                   "running statistics kept fixed (as deployed).")
 flags.DEFINE_integer("rounds", _D.rounds, "Selection-aware rounds (score, select, fine-tune).")
+flags.DEFINE_float("finetune_sigma", None, "Device sigma of the unverified weights in the "
+                   "fine-tuning (default: --sigma_d; verified weights keep --sigma_wv).")
 flags.DEFINE_integer("n_train", None, "Training images (default: all).")
 flags.DEFINE_integer("n_test", None, "Test images (default: all).")
 flags.DEFINE_integer("n_score", None, "Training images used for the scores (default: all).")
@@ -69,6 +71,7 @@ def config_from_flags() -> beyond.BeyondConfig:
         finetune_epochs=FLAGS.finetune_epochs, finetune_lr=FLAGS.finetune_lr,
         finetune_schedule=FLAGS.finetune_schedule,
         rounds=FLAGS.rounds, finetune_batch_norm=FLAGS.finetune_batch_norm,
+        finetune_sigma=FLAGS.finetune_sigma,
         n_train=FLAGS.n_train, n_test=FLAGS.n_test, n_score=FLAGS.n_score,
         chunk_size=FLAGS.chunk_size, progress=FLAGS.progress)
 

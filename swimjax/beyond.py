@@ -10,8 +10,10 @@ test data with the same run keys (common random numbers). Writes, in
   budget, nwc, acc_mean, acc_std, acc_sem, acc_p1, acc_p5, mc_runs, seed``,
   training costs, ...), flushed as each finishes; a rerun skips the points of
   the same configuration already there (identity as in :mod:`swimjax.sweep`:
-  a row's ``config_id`` digests every number-changing setting, the trained
-  weights and the test data, so rows of another configuration never mix).
+  a row's ``config_id`` digests every setting that changes its numbers, the
+  trained weights and the test data, so rows of another configuration never
+  mix; settings of another training are not among them, so changing the
+  fine-tuning reuses SWIM's baseline and A_full: :func:`identity_fields`).
 * ``summary.md``: each combination against the target (``A_full`` / ``P1_full``:
   the plainly trained model with full write-verify): the gap at NWC 0.02 and
   0.05 with its standard error, the 1st percentile, the training cost relative
@@ -91,8 +93,8 @@ from swimjax import _validation as v
 from swimjax import (checkpoint, data as data_lib, mapping, models, montecarlo, perturbation,
                      report, results, selection, sensitivity, sweep, training)
 
-__all__ = ["BASE_TRAININGS", "BeyondConfig", "DEFAULT_COMBINATIONS", "KEY_FIELDS", "run_beyond",
-           "summary_markdown"]
+__all__ = ["BASE_TRAININGS", "BeyondConfig", "DEFAULT_COMBINATIONS", "KEY_FIELDS",
+           "TRAINING_FIELDS", "identity_fields", "run_beyond", "summary_markdown"]
 
 KEY_FIELDS = ("config_id", "training", "method", "budget")
 BASE_TRAININGS = ("plain", "gaussian", "rcg")
@@ -110,6 +112,13 @@ FINETUNE_BATCH_NORM = ("batch", "frozen")
 FINETUNE_LR = {"adam": 1e-3, "sgd": 2e-3}
 #: Settings that do not change a row's numbers (the points themselves, chunking).
 NON_IDENTITY_FIELDS = ("combinations", "budgets", "chunk_size", "progress")
+#: Settings of one kind of training only: a row's identity holds those of its
+#: own training (noise injection: its noise; ``+sa``: the fine-tuning), so
+#: rows of other trainings (SWIM's baseline, A_full) are reused when only
+#: these change.
+TRAINING_FIELDS = {"gaussian": ("train_sigma",), "rcg": ("train_sigma", "rcg_tau"),
+                   "+sa": ("finetune_epochs", "finetune_lr", "finetune_schedule",
+                           "finetune_batch_norm", "finetune_sigma", "rounds")}
 #: The target's budgets and tolerances: (budget, mean tolerance, p1 tolerance or None).
 TARGETS = ((0.02, 0.01, None), (0.05, 0.005, 0.01))
 
@@ -146,6 +155,10 @@ class BeyondConfig:
       finetune_schedule: ``"constant"`` or ``"cosine"`` (decay to 0 over each
         round's steps).
       rounds: selection-aware rounds (score, select, fine-tune), >= 1.
+      finetune_sigma: device sigma of the unverified weights during the
+        fine-tuning (None: ``sigma_d``, the deployment's, resolved when the
+        config is made; larger trains for a margin, as TRICE searches its
+        training sigma). The verified weights keep ``sigma_wv``.
       finetune_batch_norm: ``"frozen"`` (default: batch norm normalizes
         with the base model's running statistics, kept fixed, as the
         deployed network does: :attr:`swimjax.training.TrainConfig.frozen_batch_norm`)
@@ -174,6 +187,7 @@ class BeyondConfig:
     finetune_schedule: str = "constant"
     rounds: int = 2
     finetune_batch_norm: str = "frozen"
+    finetune_sigma: float | None = None
     n_train: int | None = None
     n_test: int | None = None
     n_score: int | None = None
@@ -213,6 +227,9 @@ class BeyondConfig:
         v.check_choice("finetune_schedule", self.finetune_schedule, training.SCHEDULES)
         v.check_int("rounds", self.rounds, 1, None)
         v.check_choice("finetune_batch_norm", self.finetune_batch_norm, FINETUNE_BATCH_NORM)
+        if self.finetune_sigma is None:
+            object.__setattr__(self, "finetune_sigma", self.sigma_d)
+        v.check_nonnegative("finetune_sigma", self.finetune_sigma)
 
     @property
     def dataset_label(self) -> str:
@@ -290,11 +307,24 @@ def base_label(config: BeyondConfig, name: str) -> str:
 
 def finetune_label(config: BeyondConfig) -> str:
     """The checkpoint-name part of the selection-aware fine-tuning settings
-    (``ft<epochs>-lr<lr>-<schedule>[-bnfrozen]``): fine-tuned models of
-    other settings are never loaded in their place."""
+    (``ft<epochs>-lr<lr>-<schedule>[-bnfrozen][-s<finetune_sigma>]``, the
+    sigma only when it is not ``sigma_d``): fine-tuned models of other
+    settings are never loaded in their place."""
     frozen = "-bnfrozen" if config.finetune_batch_norm == "frozen" else ""
+    sigma = "" if config.finetune_sigma == config.sigma_d else f"-s{config.finetune_sigma:g}"
     return (f"ft{config.finetune_epochs}-lr{config.finetune_lr:g}-{config.finetune_schedule}"
-            f"{frozen}")
+            f"{frozen}{sigma}")
+
+
+def identity_fields(config: BeyondConfig, training_name: str) -> tuple[str, ...]:
+    """The config fields that are not part of the identity of ``training_name``'s
+    rows: :data:`NON_IDENTITY_FIELDS` and the :data:`TRAINING_FIELDS` of
+    other trainings (``"plain"`` rows do not depend on the fine-tuning nor on
+    the training noise; ``"gaussian+sa"`` rows depend on both)."""
+    base, _, sa = training_name.partition("+")
+    own = set(TRAINING_FIELDS.get(base, ())) | (set(TRAINING_FIELDS["+sa"]) if sa else set())
+    others = {f for fields in TRAINING_FIELDS.values() for f in fields} - own
+    return NON_IDENTITY_FIELDS + tuple(sorted(others))
 
 
 def _score(method: str, config: BeyondConfig, apply_fn, params, batches) -> Any:
@@ -337,18 +367,19 @@ def run_beyond(config: BeyondConfig, out_dir: str) -> list[dict[str, Any]]:
     trained = {b: _train_base(config, b, model, data, out_dir) for b in bases}
     plain_steps = trained["plain"][1]["train_steps"]
     plain_seconds = trained["plain"][1]["train_seconds"]
-    # a row's identity: every number-changing setting and its base model's weights
-    idents = {b: sweep.config_fields(config, sweep.Prepared(model, variables, data,
-                                                            float("nan"), "", False),
-                                     NON_IDENTITY_FIELDS)
-              for b, (variables, _) in trained.items()}
-    cids = {b: sweep.config_id(ident) for b, ident in idents.items()}
+    # a row's identity: every setting that changes its numbers (those of its
+    # own training only) and its base model's weights
+    names = ["plain"] + [t for t, _ in combos]
+    idents = {t: sweep.config_fields(config, sweep.Prepared(
+        model, trained[t.split("+")[0]][0], data, float("nan"), "", False),
+        identity_fields(config, t)) for t in names}
+    cids = {t: sweep.config_id(ident) for t, ident in idents.items()}
     all_rows: list[dict[str, Any]] = []
     others_seen = False
     for train_name, method in combos:
         base = train_name.split("+")[0]
         variables, meta = trained[base]
-        ident, cid = idents[base], cids[base]
+        ident, cid = idents[train_name], cids[train_name]
         if not others_seen:
             n_other = sum(1 for r in res.rows if r.get("config_id") not in (None, cid)
                           and r.get("training") == train_name and r.get("method") == method)
@@ -453,7 +484,8 @@ def _run_selection_aware(config, model, data, variables, method, todo, res, base
 
             def fit(current=current, mask=mask, key=key):
                 tuned, _ = training.train(key, model, data, tcfg, perturbation=noise,
-                                          noise_state=noise.init(current, mask),
+                                          noise_state=noise.init(current, mask,
+                                                                 sigma_d=config.finetune_sigma),
                                           progress=config.progress, init_variables=current)
                 return tuned, {"train_steps": ft_steps}
 

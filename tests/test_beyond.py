@@ -39,6 +39,11 @@ def test_config_validation():
         beyond.BeyondConfig(finetune_lr=0.0)
     with pytest.raises(ValueError, match="finetune_batch_norm must be one of"):
         beyond.BeyondConfig(finetune_batch_norm="running")
+    # the fine-tuning's sigma is the deployment's unless given
+    assert beyond.BeyondConfig(sigma_d=0.2).finetune_sigma == 0.2
+    assert beyond.BeyondConfig(sigma_d=0.2, finetune_sigma=0.25).finetune_sigma == 0.25
+    with pytest.raises(ValueError, match="finetune_sigma"):
+        beyond.BeyondConfig(finetune_sigma=-0.1)
 
 
 def test_checkpoint_labels_name_every_training_setting():
@@ -54,8 +59,28 @@ def test_checkpoint_labels_name_every_training_setting():
     assert beyond.base_label(c2, "rcg") == "rcg-s0.1-t0.5"
     labels = {beyond.finetune_label(beyond.BeyondConfig(**kw)) for kw in (
         {}, dict(finetune_epochs=3), dict(finetune_lr=3e-3), dict(finetune_schedule="cosine"),
-        dict(finetune_batch_norm="batch"))}
-    assert len(labels) == 5
+        dict(finetune_batch_norm="batch"), dict(finetune_sigma=0.4))}
+    assert len(labels) == 6
+    # the deployment's sigma, given or not, names the same fine-tuned model
+    assert (beyond.finetune_label(beyond.BeyondConfig(finetune_sigma=0.3))
+            == beyond.finetune_label(beyond.BeyondConfig()))
+
+
+def test_row_identity_holds_its_own_trainings_settings_only():
+    """Rows of a training do not depend on another training's settings, so
+    they are reused when only those change (SWIM's baseline and A_full when
+    the fine-tuning changes); they do depend on their own."""
+    c = beyond.BeyondConfig()
+    finetune = set(beyond.TRAINING_FIELDS["+sa"])
+    for name, own in (("plain", set()), ("gaussian", {"train_sigma"}),
+                      ("rcg", {"train_sigma", "rcg_tau"}), ("plain+sa", finetune),
+                      ("rcg+sa", finetune | {"train_sigma", "rcg_tau"})):
+        left_out = set(beyond.identity_fields(c, name))
+        assert not own & left_out, name
+        every = {f for fs in beyond.TRAINING_FIELDS.values() for f in fs}
+        assert every - own <= left_out, name
+        assert {"budgets", "combinations"} <= left_out
+        assert not {"sigma_d", "seed", "mc_runs", "model"} & left_out
 
 
 def _row(training, method, budget, mean, sem, p1, cost=1.0):
@@ -125,6 +150,14 @@ def test_experiment_resumes_after_an_interruption_with_one_row_per_point(tmp_pat
     with open(os.path.join(out, "summary.md"), encoding="utf-8") as f:
         text = f.read()
     assert a_full[0] in text and "| gaussian+sa/swim |" in text
+    # changing only the fine-tuning recomputes the fine-tuned rows alone
+    n_before = len(results.read_rows(path))
+    retuned = beyond.run_beyond(dataclasses.replace(
+        config, rounds=1, combinations=("plain/swim", "gaussian+sa/swim"), budgets=(0.05, 1.0)),
+        out)
+    assert len(results.read_rows(path)) == n_before + 2
+    assert ({r["acc_mean"] for r in retuned if r["training"] == "plain"}
+            == {r["acc_mean"] for r in full if r["training"] == "plain"})
     # another configuration never mixes with these rows
     other = beyond.BeyondConfig(**dict(SMALL, sigma_d=0.2, combinations=("plain/swim",)))
     rows2 = beyond.run_beyond(other, out)
