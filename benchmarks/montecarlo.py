@@ -32,6 +32,10 @@ interleaved so that load from other processes hits both alike):
   perturbation (the program is reused), and one ``evaluate`` per mask with a
   perturbation function that closes over its mask (a compile per mask: the
   pre-state API);
+* with ``--profile``: one :func:`~swimjax.montecarlo.evaluate` call profiled
+  (``jax.profiler``; slower than unprofiled): its XLA operations' time, split
+  into matrix products and everything else, and the longest operations
+  (what limits ``ms_per_run``);
 * for reference: a plain per-run Python loop (jitted perturbation, jitted
   forward pass of all images, one run at a time), the cost of the
   perturbation's random draws alone, and with ``--alternatives`` the
@@ -61,6 +65,7 @@ import time
 
 from absl import flags
 
+from benchmarks import _profile
 from benchmarks._gemm import gemm_rate
 from experiments import _cli
 
@@ -91,6 +96,10 @@ flags.DEFINE_enum("matmul_precision", None, ["default", "high", "highest", "bflo
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
 flags.DEFINE_integer("sweep_states", 4, "Masks in the states-sweep comparison (0: skip).")
 flags.DEFINE_integer("gemm_n", 2048, "Size of the reference square float32 GEMM.")
+flags.DEFINE_bool("profile", False, "Also profile one Monte-Carlo call (jax.profiler) and "
+                  "report where its time goes: matrix products against every other XLA "
+                  "operation, and the longest operations.")
+flags.DEFINE_integer("profile_top", 8, "Operations listed by --profile.")
 flags.DEFINE_string("json", None, "Write the results as JSON to this path.")
 
 
@@ -108,6 +117,7 @@ def check_flags() -> None:
     _cli.int_flag("loop_runs", 0, n_runs)
     _cli.int_flag("sweep_states", 0)
     _cli.int_flag("gemm_n", 1)
+    _cli.int_flag("profile_top", 1)
     _cli.seed_flag()
     _cli.check_output_file(FLAGS.json)
 
@@ -394,11 +404,23 @@ def main(argv: list[str]) -> None:
                 k: alt[k] for k in ("vmap_size", "batch_size")}), 3) / n_runs
 
     sweep = states_sweep(k_mc, apply_fn, variables, cfg, x, y, n_runs, FLAGS.sweep_states)
+    profile = None
+    if FLAGS.profile:
+        ops = _profile.op_times(mc_eval)
+        gemm_s, other_s = _profile.split(ops)
+        profile = dict(
+            matrix_products_ms_per_run=1e3 * gemm_s / n_runs,
+            other_ops_ms_per_run=1e3 * other_s / n_runs,
+            top_ops=[dict(name=o.name, ms_per_run=1e3 * o.seconds / n_runs, calls=o.calls,
+                          us_per_call=1e6 * o.seconds / o.calls,
+                          matrix_product=o.is_matrix_product)
+                     for o in ops[:FLAGS.profile_top]])
 
     ms_per_run = 1e3 * noisy_s / n_runs
     gemm_flops = gemm_rate(FLAGS.gemm_n)
     out = {
         "states_sweep": sweep,
+        "profile": profile,
         "large_gemm_gflops": gemm_flops / 1e9,
         "gemm_rate_over_mc_rate": gemm_flops / (flops_run * n_runs / noisy_s),
         "ms_per_run": ms_per_run,
@@ -459,6 +481,15 @@ def main(argv: list[str]) -> None:
                   f"{sweep['per_state_s']:.2f}"),
                  (f"{k} masks, a closure per mask (compile each): s",
                   f"{sweep['closure_per_mask_s']:.2f}")]
+    if profile:
+        total = profile["matrix_products_ms_per_run"] + profile["other_ops_ms_per_run"]
+        rows += [("profiled call: XLA operations, ms per run", f"{total:.2f}"),
+                 ("  matrix products", f"{profile['matrix_products_ms_per_run']:.2f} "
+                  f"({100 * profile['matrix_products_ms_per_run'] / total:.0f} %)"),
+                 ("  every other operation", f"{profile['other_ops_ms_per_run']:.2f}")]
+        rows += [(f"    {o['name']}{' (GEMM)' if o['matrix_product'] else ''}",
+                  f"{o['ms_per_run']:.2f} ms/run, {o['us_per_call']:.0f} us x {o['calls']}")
+                 for o in profile["top_ops"]]
     for b, t in clean_by_bs.items():
         rows.append((f"  clean, batch {b}: ms per run-equivalent", f"{1e3 * t / n_runs:.2f}"))
     for alt in alternatives:

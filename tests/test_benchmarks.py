@@ -42,10 +42,14 @@ def test_montecarlo_benchmark_runs(tmp_path):
     # the smallest run: no per-run loop baseline, no states sweep (each costs compiles)
     res = _run("benchmarks.montecarlo", tmp_path, "--n_runs=4", "--n_images=40",
                "--repeats=1", "--loop_runs=0", "--sweep_states=0", "--clean_batch_sizes=20",
-               "--host_devices=2", "--gemm_n=64")
+               "--host_devices=2", "--gemm_n=64", "--profile", "--profile_top=3")
     for key in ("ms_per_run", "gflops", "noisy_over_clean_throughput",
                 "gemm_floor_ms_per_run", "ms_per_run_vmap_lowering"):
         assert math.isfinite(res[key]) and res[key] > 0, key
+    # the profile finds the lowered network's matrix products among XLA's operations
+    prof = res["profile"]
+    assert prof["matrix_products_ms_per_run"] > 0 and prof["other_ops_ms_per_run"] > 0
+    assert len(prof["top_ops"]) == 3 and all(o["calls"] >= 1 for o in prof["top_ops"])
     assert res["lowering"] == "gemm" and res["n_devices"] == 2
     # LeNet is 0.6334 GFLOP per 1,000 images (the figure).
     assert res["gflop_per_run"] == pytest.approx(0.6334 * 40 / 1000, rel=1e-3)
