@@ -73,20 +73,24 @@ integer labels in ``[0, C)``, ``apply_fn(params, x) -> logits (n, C)``.
 Accuracies are fractions in ``[0, 1]``; losses are per-example means.
 
 Speed notes (XLA CPU, jax 0.10, 2 cores, measured with ``benchmarks/montecarlo.py``
-on LeNet, 1,000 images, 100 runs): 18-19 ms per run with the default ``"gemm"``
-lowering, 58 ms with ``"vmap"`` (XLA CPU runs grouped convolutions with few
-channels at a few GFLOP/s), 77 ms for a plain per-run loop; the matrix
-products of the lowered program alone take 11-14 ms per run at these shapes
-(K = 9 and 54, 16 output channels: about 45 GFLOP/s, against ~130 GFLOP/s for
-a large sgemm), so most of what is left is GEMM shape, not overhead. Widths of
-1 to 4 runs and 17 to 50 images per step give the same per-run time within
-the machine's noise; wider groups and 1000-image steps are slower (cache).
-Threefry normals for the ~1e5 LeNet weights cost ~1.3 ms per run. One XLA
-CPU device runs these small operations on about one core; to use every core,
-start the process with one CPU device per core
-(``XLA_FLAGS=--xla_force_host_platform_device_count=N``, set by the user
-before JAX starts; this module never sets flags) and the runs are sharded
-over them.
+on LeNet, 1,000 images, 100 runs, one device): 26-32 ms per run with the
+default ``"gemm"`` lowering (the machine's load moves it), 144 ms with
+``"vmap"`` (XLA CPU runs grouped convolutions with few channels at a few
+GFLOP/s); 6-7x below a large sgemm's FLOP rate in the same run. Profiled
+(``--profile``): about 42 % of the time in the matrix products, which at
+these shapes (K = 9 and 54 with 16 output channels; 32-image batches for
+the dense layers) run 3x below the large sgemm's rate on their own; the
+rest in XLA's fused copies (im2col patches, 2x2 pooling with its strided
+reads, padding, the transpose before the dense layers). Widths of 1 to 4
+runs and 17 to 50 images per step give the same per-run time within the
+machine's noise; wider groups and 1000-image steps are slower (cache).
+Threefry normals for the ~1e5 LeNet weights cost ~1.5 ms per run. Both
+cores work on the default path (XLA splits the matrix products and the
+larger fusions over its intra-op threads; CPU time / wall time ~1.8); to
+run the small operations on every core too, start the process with one
+CPU device per core (``XLA_FLAGS=--xla_force_host_platform_device_count=N``,
+set by the user before JAX starts, as the binaries do; this module never
+sets flags) and the runs are sharded over them.
 """
 
 from __future__ import annotations
