@@ -264,10 +264,14 @@ def _checkpoint_path(config: BeyondConfig, out_dir: str, name: str) -> str:
     return os.path.join(out_dir, "checkpoints", "_".join(parts) + f"_seed{config.seed}.msgpack")
 
 
+def _load(path: str, model: models.Model) -> tuple[Any, dict[str, Any]]:
+    return checkpoint.load(path, target=model.init(jax.random.key(0)))
+
+
 def _trained(path: str, model: models.Model, fit) -> tuple[Any, dict[str, Any]]:
     """Loads ``path`` or runs ``fit() -> (variables, meta)`` and writes it."""
     if os.path.exists(path):
-        return checkpoint.load(path, target=model.init(jax.random.key(0)))
+        return _load(path, model)
     t0 = time.perf_counter()
     variables, meta = fit()
     meta = dict(meta, train_seconds=time.perf_counter() - t0)
@@ -476,10 +480,18 @@ def _run_selection_aware(config, model, data, variables, method, todo, res, base
         t_start = time.perf_counter()
         current = variables
         for r in range(config.rounds):
-            scores = _score(method, config, model.apply_fn, current, batches)
-            mask = _mask(scores, budget, current, vcfg, selected)
             name = (f"{base_fields['training']}_{method}_b{budget:g}_r{r}_"
                     f"{finetune_label(config)}")
+            path = _checkpoint_path(config, out_dir, name).replace(
+                ".msgpack", f"_{base_fields['weights_sha256'][:12]}.msgpack")
+            if r < config.rounds - 1 and os.path.exists(path):
+                # a finished round (resumed, or a run with more rounds): its
+                # mask is needed only to train it, and the last round's for
+                # the evaluation
+                current, _ = _load(path, model)
+                continue
+            scores = _score(method, config, model.apply_fn, current, batches)
+            mask = _mask(scores, budget, current, vcfg, selected)
             key = jax.random.fold_in(jax.random.key(config.seed), 1000 + r)
 
             def fit(current=current, mask=mask, key=key):
@@ -489,8 +501,6 @@ def _run_selection_aware(config, model, data, variables, method, todo, res, base
                                           progress=config.progress, init_variables=current)
                 return tuned, {"train_steps": ft_steps}
 
-            path = _checkpoint_path(config, out_dir, name).replace(
-                ".msgpack", f"_{base_fields['weights_sha256'][:12]}.msgpack")
             current, _ = _trained(path, model, fit)
         ft_seconds = time.perf_counter() - t_start
         steps = base_fields["base_train_steps"] + config.rounds * ft_steps
