@@ -36,17 +36,17 @@ Trainings (``training`` of a combination ``"<training>/<method>"``):
   re-select and fine-tune again, ``rounds`` times in all.
 
 Measured (LeNet, offline digits, sigma_d 0.3, sigma_wv 0.03, N 8, m 1; A_full
-95.37 %, P1_full 94.80 % at 1000 runs): noise-injection training at the
+95.38 %, P1_full 94.80 % at 1000 runs): noise-injection training at the
 deployment sigma caps the model itself (91.7 % even with full write-verify,
 200 runs), so it cannot reach the target whatever the selection; what does is
 the plainly trained model, selection-aware fine-tuning with the sigmas its
 mask leaves, and a second round (re-score, re-select, fine-tune). 1000 runs,
 2 rounds of 6 epochs at lr 1e-3 (``plain+sa/ggn_sampled``, 3.4x plain
-training's steps): gap +0.62 (se 0.02) at NWC 0.02 and +0.82 (0.02) at 0.05,
+training's steps): gap +0.65 (se 0.02) at NWC 0.02 and +0.84 (0.02) at 0.05,
 1st percentile 94.9 % at 0.05 (P1_full + 0.1); SWIM's own (``plain/swim``):
--6.18 and -3.18, P1 86.2 %. Part of the gain is the extra training: the same
-fine-tuning at budget 1 reaches 96.89 %, so against its own full
-write-verify the fine-tuned model is still 0.71 points short at 0.05. In a
+-6.20 and -3.15, P1 86.2 %. Part of the gain is the extra training: the same
+fine-tuning at budget 1 reaches 96.59 %, so against its own full
+write-verify the fine-tuned model is still 0.37 points short at 0.05. In a
 200-run exploration one round of 12 epochs reached the mean (-0.1 at 0.05)
 but not the 1st percentile (92.1 %): the second selection, on the fine-tuned
 weights, is what fixes the tail. Hence the defaults.
