@@ -320,7 +320,7 @@ def finetune_label(config: BeyondConfig) -> str:
             f"{frozen}{sigma}")
 
 
-def identity_fields(config: BeyondConfig, training_name: str) -> tuple[str, ...]:
+def identity_fields(training_name: str) -> tuple[str, ...]:
     """The config fields that are not part of the identity of ``training_name``'s
     rows: :data:`NON_IDENTITY_FIELDS` and the :data:`TRAINING_FIELDS` of
     other trainings (``"plain"`` rows do not depend on the fine-tuning nor on
@@ -376,7 +376,7 @@ def run_beyond(config: BeyondConfig, out_dir: str) -> list[dict[str, Any]]:
     names = ["plain"] + [t for t, _ in combos]
     idents = {t: sweep.config_fields(config, sweep.Prepared(
         model, trained[t.split("+")[0]][0], data, float("nan"), "", False),
-        identity_fields(config, t)) for t in names}
+        identity_fields(t)) for t in names}
     cids = {t: sweep.config_id(ident) for t, ident in idents.items()}
     all_rows: list[dict[str, Any]] = []
     others_seen = False

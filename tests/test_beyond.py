@@ -70,12 +70,11 @@ def test_row_identity_holds_its_own_trainings_settings_only():
     """Rows of a training do not depend on another training's settings, so
     they are reused when only those change (SWIM's baseline and A_full when
     the fine-tuning changes); they do depend on their own."""
-    c = beyond.BeyondConfig()
     finetune = set(beyond.TRAINING_FIELDS["+sa"])
     for name, own in (("plain", set()), ("gaussian", {"train_sigma"}),
                       ("rcg", {"train_sigma", "rcg_tau"}), ("plain+sa", finetune),
                       ("rcg+sa", finetune | {"train_sigma", "rcg_tau"})):
-        left_out = set(beyond.identity_fields(c, name))
+        left_out = set(beyond.identity_fields(name))
         assert not own & left_out, name
         every = {f for fs in beyond.TRAINING_FIELDS.values() for f in fs}
         assert every - own <= left_out, name
