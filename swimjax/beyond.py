@@ -486,7 +486,7 @@ def _run_selection_aware(config, model, data, variables, method, todo, res, base
     noise = training.variation_noise(vcfg)
     ft_steps = tcfg.epochs * (len(data.y_train) // tcfg.batch_size)
     for budget in todo:
-        t_start = time.perf_counter()
+        ft_seconds = 0.0
         current = variables
         for r in range(config.rounds):
             name = (f"{base_fields['training']}_{method}_b{budget:g}_r{r}_"
@@ -497,10 +497,13 @@ def _run_selection_aware(config, model, data, variables, method, todo, res, base
                 # a finished round (resumed, or a run with more rounds): its
                 # mask is needed only to train it, and the last round's for
                 # the evaluation
-                current, _ = _load(path, model)
+                current, meta = _load(path, model)
+                ft_seconds += _round_seconds(meta)
                 continue
+            t0 = time.perf_counter()
             scores = _score(method, config, model.apply_fn, current, batches)
             mask = _mask(scores, budget, current, vcfg, selected)
+            score_seconds = time.perf_counter() - t0
             key = jax.random.fold_in(jax.random.key(config.seed), 1000 + r)
 
             def fit(current=current, mask=mask, key=key):
@@ -508,10 +511,10 @@ def _run_selection_aware(config, model, data, variables, method, todo, res, base
                                           noise_state=noise.init(current, mask,
                                                                  sigma_d=config.finetune_sigma),
                                           progress=config.progress, init_variables=current)
-                return tuned, {"train_steps": ft_steps}
+                return tuned, {"train_steps": ft_steps, "score_seconds": score_seconds}
 
-            current, _ = _trained(path, model, fit)
-        ft_seconds = time.perf_counter() - t_start
+            current, meta = _trained(path, model, fit)
+            ft_seconds += _round_seconds(meta, score_seconds)
         steps = base_fields["base_train_steps"] + config.rounds * ft_steps
         extra = dict(train_steps=steps, train_cost_steps=steps / plain_steps,
                      train_cost_seconds=(base_fields["base_train_seconds"] + ft_seconds)
@@ -525,6 +528,14 @@ def _run_selection_aware(config, model, data, variables, method, todo, res, base
                    dict(extra, mc_seconds=round(time.perf_counter() - t0, 3)))
         res.append(row)
         _log(row)
+
+
+def _round_seconds(meta: dict[str, Any], score_seconds: float = 0.0) -> float:
+    """A fine-tuning round's cost as it was when the round ran: its scoring
+    and its training, from the round checkpoint's metadata, so a resumed run
+    reports the same training cost as an uninterrupted one (a checkpoint
+    from before the scoring time was recorded counts ``score_seconds``)."""
+    return float(meta.get("train_seconds", 0.0)) + float(meta.get("score_seconds", score_seconds))
 
 
 def _log(row: dict[str, Any]) -> None:

@@ -136,6 +136,10 @@ def test_experiment_resumes_after_an_interruption_with_one_row_per_point(tmp_pat
     before = {(r["training"], r["method"], r["budget"]): r["acc_mean"] for r in full}
     after = {(r["training"], r["method"], r["budget"]): r["acc_mean"] for r in resumed}
     assert after == before  # same keys, checkpoints reused: the same numbers
+    # and the same training cost in seconds: each round's as it was when it ran
+    cost = {(r["training"], r["method"], r["budget"]): r["train_cost_seconds"] for r in full}
+    assert {(r["training"], r["method"], r["budget"]): r["train_cost_seconds"]
+            for r in resumed} == cost
     beyond.run_beyond(config, out)
     assert len(results.read_rows(path)) == len(points)
     assert os.path.exists(os.path.join(out, "accuracy_vs_nwc.png"))
