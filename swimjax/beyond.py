@@ -381,11 +381,13 @@ def run_beyond(config: BeyondConfig, out_dir: str) -> list[dict[str, Any]]:
     plain_steps = trained["plain"][1]["train_steps"]
     plain_seconds = trained["plain"][1]["train_seconds"]
     # a row's identity: every setting that changes its numbers (those of its
-    # own training only) and its base model's weights
-    names = ["plain"] + [t for t, _ in combos]
-    idents = {t: sweep.config_fields(config, sweep.Prepared(
-        model, trained[t.split("+")[0]][0], data, float("nan"), "", False),
-        identity_fields(t)) for t in names}
+    # own training only) and its base model's weights (digested once per base)
+    base_idents = {b: sweep.config_fields(config, sweep.Prepared(
+        model, variables, data, float("nan"), "", False), NON_IDENTITY_FIELDS)
+        for b, (variables, _) in trained.items()}
+    idents = {t: {k: val for k, val in base_idents[t.split("+")[0]].items()
+                  if k not in identity_fields(t)}
+              for t in ["plain"] + [t for t, _ in combos]}
     cids = {t: sweep.config_id(ident) for t, ident in idents.items()}
     all_rows: list[dict[str, Any]] = []
     others_seen = False
